@@ -1,0 +1,160 @@
+"""The ``merge-hooks`` command line.
+
+User errors print one line, ``error: ...``, and exit with status 2; nothing is written.
+Importing this module does not import torch: ``--help`` and ``formats`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+from .errors import MergeHooksError
+from .units import format_size
+
+EXIT_USER_ERROR = 2
+DTYPES = ("keep", "float32", "float16", "bfloat16")
+
+
+def _output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save-format", metavar="FMT", help="output format: safetensors, bin, both (see 'merge-hooks formats')")
+    parser.add_argument("--max-shard-size", metavar="SIZE", help="split weights into shards of at most SIZE (e.g. 5GB, 500MB)")
+    parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (keep = the first model's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (only once the new one is complete)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="merge-hooks",
+        description="Merge FlagEmbedding / LM_Cocktail models and write them in the format your loader needs.",
+    )
+    parser.add_argument("--version", action="version", version=f"merge-hooks {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log what happens (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge models from a YAML recipe or from flags",
+        description="Merge models as LM_Cocktail does and write the result. Flags override the recipe.",
+    )
+    merge.add_argument("recipe", nargs="?", type=Path, help="YAML merge recipe (see configs/)")
+    merge.add_argument("--model-type", choices=("encoder", "reranker", "decoder"))
+    merge.add_argument("--method", choices=("mix_models", "mix_models_with_data", "mix_models_by_layers"))
+    merge.add_argument("--models", nargs="+", metavar="PATH", help="model folders or cached hub ids, in order")
+    merge.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model, summing to 1")
+    merge.add_argument("--examples", type=Path, help="JSON lines examples for mix_models_with_data")
+    merge.add_argument("-o", "--output", type=Path, help="output folder")
+    merge.add_argument("--engine", choices=("auto", "stream", "cocktail"), help="auto (default), stream or cocktail")
+    merge.add_argument("--trust-remote-code", action="store_true", default=None, help="allow models with custom code")
+    _output_flags(merge)
+
+    convert = commands.add_parser("convert", help="re-save a model folder in another format or dtype")
+    convert.add_argument("src", type=Path, help="model folder to read")
+    convert.add_argument("dst", type=Path, help="folder to write")
+    _output_flags(convert)
+
+    commands.add_parser("formats", help="list the registered output formats")
+
+    demo = commands.add_parser("demo", help="run an offline end-to-end demo on all-MiniLM-L6-v2")
+    demo.add_argument("--workdir", type=Path, default=Path("merge-hooks-demo"), help="where the demo writes (default: ./merge-hooks-demo)")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _recipe_from_args(args: argparse.Namespace):
+    from .recipe import apply_overrides, load_recipe, recipe_from_dict
+
+    overrides = {
+        "model_type": args.model_type,
+        "method": args.method,
+        "examples": str(args.examples) if args.examples else None,
+        "engine": args.engine,
+        "trust_remote_code": args.trust_remote_code,
+        "output.path": str(args.output) if args.output else None,
+        "output.save_format": args.save_format,
+        "output.max_shard_size": args.max_shard_size,
+        "output.dtype": args.dtype,
+    }
+    if args.models or args.weights:
+        models = args.models or []
+        weights = args.weights
+        if weights is not None and len(weights) != len(models):
+            raise MergeHooksError(f"got {len(models)} models but {len(weights)} weights; give one weight per model")
+        overrides["models"] = [
+            {"path": p} if weights is None else {"path": p, "weight": w} for p, w in zip(models, weights or models)
+        ]
+    if args.recipe is not None:
+        return load_recipe(args.recipe, overrides=overrides)
+    if not args.models:
+        raise MergeHooksError("give a recipe file, or --model-type, --models, --weights and --output")
+    return recipe_from_dict(apply_overrides({}, overrides), source="command line")
+
+
+def _summary(result, *, verb: str) -> str:
+    lines = [f"{verb} {result.output} ({result.save_format}, {result.dtype or 'source dtype'}, engine {result.engine})"]
+    if result.weights:
+        lines.append("weights: " + ", ".join(f"{w:.6g}" for w in result.weights))
+    width = max(len(name) for name, _ in result.files)
+    for name, size in result.files:
+        lines.append(f"  {name:<{width}}  {format_size(size):>9}")
+    lines.append(f"  {len(result.files)} files, {format_size(result.total_bytes)}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "formats":
+        from .formats import available_formats
+
+        for name, fmt in sorted(available_formats().items()):
+            print(f"{name:<12} {fmt.description}")
+        return 0
+    if args.command == "merge":
+        from .pipeline import run_recipe
+
+        recipe = _recipe_from_args(args)
+        result = run_recipe(recipe, overwrite=args.overwrite, quiet=args.quiet)
+        if not args.quiet:
+            print(_summary(result, verb="wrote"))
+        return 0
+    if args.command == "convert":
+        from .convert import convert
+
+        result = convert(
+            args.src,
+            args.dst,
+            save_format=args.save_format or "safetensors",
+            max_shard_size=args.max_shard_size or "5GB",
+            dtype=args.dtype or "keep",
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+        )
+        if not args.quiet:
+            print(_summary(result, verb="wrote"))
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        print(run_demo(args.workdir, quiet=args.quiet))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of the ``merge-hooks`` console script."""
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = _run(args)
+    except MergeHooksError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,73 @@
+"""Re-save an existing model folder in another format or dtype, streaming tensor by tensor."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Union
+
+from .checkpoint import Checkpoint, is_weight_file
+from .engines import output_dtype
+from .errors import MergeHooksError
+from .formats import WriteOptions, get_format
+from .pipeline import MergeResult
+from .preflight import check_disk_space, check_output, read_config, resolve_model_path
+from .progress import byte_progress
+from .sidecar import write_config
+from .staging import staged_output
+from .tensors import TensorSource, TensorSpec
+from .units import parse_size
+
+logger = logging.getLogger(__name__)
+
+
+def convert(
+    src: Union[str, Path],
+    dst: Union[str, Path],
+    *,
+    save_format: str,
+    max_shard_size: Union[int, str] = "5GB",
+    dtype: str = "keep",
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> MergeResult:
+    """Write the model in ``src`` to ``dst`` in ``save_format``, with every non-weight file copied along.
+
+    Example:
+        >>> convert("merged-safetensors", "merged-bin", save_format="bin")
+    """
+    fmt = get_format(save_format)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise MergeHooksError(f"max_shard_size: {exc}") from None
+    if dtype not in ("keep", "float32", "float16", "bfloat16"):
+        raise MergeHooksError(f"unknown dtype {dtype!r}; use keep, float32, float16 or bfloat16")
+    source_dir = resolve_model_path(str(src))
+    read_config(source_dir, str(src))
+    target = check_output(Path(dst), overwrite=overwrite, inputs=(source_dir,))
+    with Checkpoint(source_dir) as checkpoint:
+        out = output_dtype(dtype, checkpoint.dtype)
+        specs = [
+            TensorSpec(s.name, out if (out is not None and s.dtype.is_floating_point) else s.dtype, s.shape)
+            for s in checkpoint.specs.values()
+        ]
+        out_dtypes = {s.name: s.dtype for s in specs}
+        tensors = TensorSource(specs=specs, get=lambda name: checkpoint.get(name).to(out_dtypes[name]))
+        check_disk_space(target.parent, tensors.total_bytes * fmt.size_factor)
+        with staged_output(target) as staging:
+            with byte_progress(tensors.total_bytes * fmt.size_factor, "converting", quiet=quiet) as advance:
+                fmt.write(tensors, staging, WriteOptions(shard_bytes, progress=advance))
+            for entry in source_dir.iterdir():
+                if entry.name == "config.json" or is_weight_file(entry.name):
+                    continue
+                if entry.is_dir():
+                    shutil.copytree(entry, staging / entry.name)
+                else:
+                    shutil.copy2(entry, staging / entry.name)
+            dtype_name = str(out).removeprefix("torch.") if out is not None else None
+            write_config(source_dir, staging, dtype_name=dtype_name)
+    files = sorted((str(p.relative_to(target)), p.stat().st_size) for p in target.rglob("*") if p.is_file())
+    return MergeResult(output=target, files=files, weights=[], engine="convert", save_format=fmt.name,
+                       dtype=dtype_name)

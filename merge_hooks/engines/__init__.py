@@ -1,0 +1,55 @@
+"""Merge engines: each turns resolved input models into a :class:`~merge_hooks.tensors.TensorSource`.
+
+- ``stream`` (:mod:`.stream`): reads the checkpoints tensor by tensor; memory follows the largest tensor.
+- ``cocktail`` (:mod:`.cocktail`): calls LM_Cocktail's own functions and takes the model they return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..tensors import TensorSource
+
+
+@dataclass
+class EngineResult:
+    """A merged model ready for the output stage (``model`` is the in-memory model where an engine has one)."""
+
+    source: "TensorSource"
+    weights: list[float]
+    dtype: Optional["torch.dtype"]
+    engine: str
+    architectures: Optional[list[str]] = None
+    model: Any = None
+    close: Callable[[], None] = field(default=lambda: None)
+
+
+def output_dtype(option: str, first_checkpoint_dtype: Optional["torch.dtype"]) -> Optional["torch.dtype"]:
+    """``keep`` means the first model's checkpoint dtype, whatever transformers would load it as."""
+    import torch
+
+    if option == "keep":
+        return first_checkpoint_dtype
+    return getattr(torch, option)
+
+
+def accumulate(acc: Optional["torch.Tensor"], weight: float, tensor: "torch.Tensor") -> "torch.Tensor":
+    """One step of LM_Cocktail's ``merge_param``: ``w1*p1``, then ``+= w2*p2``, in that order.
+
+    Integer tensors are not averaged: the last model's is kept, as LM_Cocktail does. Half-precision
+    tensors are summed in float32 (the caller casts the result back).
+    """
+    import torch
+
+    if not tensor.dtype.is_floating_point:
+        return tensor
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    if acc is None:
+        return weight * tensor
+    acc += weight * tensor
+    return acc

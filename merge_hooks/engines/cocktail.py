@@ -1,0 +1,144 @@
+"""The LM_Cocktail engine: call LM_Cocktail's own merge functions with ``output_path=None``.
+
+LM_Cocktail then writes nothing and returns the merged model, which is handed to the output stage.
+Its ``print`` output is routed to logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from ..errors import MergeHooksError
+from ..tensors import TensorSource, TensorSpec
+from . import EngineResult
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+class _LogStream(io.TextIOBase):
+    """Receives LM_Cocktail's prints: logs them and keeps them (the weights it chose are only printed)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self.lines.append(line.strip())
+                logger.info("LM_Cocktail: %s", line.strip())
+        return len(text)
+
+
+def _printed_weights(lines: list[str], model_paths: list[str]) -> Optional[list[float]]:
+    """The weights LM_Cocktail printed after "***weight for each model***" (one "path weight" line each)."""
+    for i, line in enumerate(lines):
+        if line.startswith("***weight for each model***"):
+            rows = lines[i + 1 : i + 1 + len(model_paths)]
+            try:
+                return [float(row.rsplit(" ", 1)[1]) for row in rows]
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def run_cocktail(
+    method: str,
+    model_paths: list[str],
+    model_type: str,
+    *,
+    weights: Optional[list[float]] = None,
+    examples: Optional[list[dict]] = None,
+    temperature: float = 5.0,
+    batch_size: int = 2,
+    max_input_length: int = 2048,
+    neg_number: int = 7,
+):
+    """Run one of LM_Cocktail's merge functions; return the merged model (on the CPU) and the weights used."""
+    if method == "mix_models_by_layers" and model_type == "reranker":
+        raise MergeHooksError(
+            "LM_Cocktail 0.0.4's mix_models_by_layers crashes for rerankers; use engine 'auto' or 'stream', "
+            "which compute the same layer-by-layer merge"
+        )
+    import LM_Cocktail
+
+    log = _LogStream()
+    with contextlib.redirect_stdout(log):
+        if method == "mix_models":
+            model = LM_Cocktail.mix_models(model_paths, model_type, weights, output_path=None)
+        elif method == "mix_models_by_layers":
+            model = LM_Cocktail.mix_models_by_layers(model_paths, model_type, weights, output_path=None)
+        else:
+            # Positional: the keyword is misspelt ``example_ata`` in 0.0.4 and fixed in later sources.
+            model = LM_Cocktail.mix_models_with_data(
+                model_paths, model_type, examples, temperature, batch_size, max_input_length, neg_number, None
+            )
+    # mix_models_with_data moves the model to CUDA when there is one.
+    return model.cpu(), (weights or _printed_weights(log.lines, model_paths) or [])
+
+
+def tied_names(model: Any) -> set[str]:
+    """Names transformers leaves out when saving because they are tied to another parameter.
+
+    transformers 4 lists them in ``_tied_weights_keys`` (a list), transformers 5 maps them to their source (a dict).
+    """
+    keys = getattr(model, "_tied_weights_keys", None) or []
+    return set(keys) if not isinstance(keys, Mapping) else set(keys.keys())
+
+
+def deduplicate_shared(state_dict: Mapping[str, "torch.Tensor"], *, drop: set[str]) -> dict[str, "torch.Tensor"]:
+    """Keep one name per shared tensor (tied embeddings), preferring to drop the names in ``drop``."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state_dict.items():
+        if tensor.numel() == 0:
+            groups[("empty", name)] = [name]
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        groups.setdefault(key, []).append(name)
+    keep = set()
+    for names in groups.values():
+        candidates = [n for n in names if n not in drop] or names
+        keep.add(candidates[0])
+    return {name: tensor for name, tensor in state_dict.items() if name in keep}
+
+
+def model_source(model: Any, *, dtype: Optional["torch.dtype"]) -> TensorSource:
+    """The model's weights as a tensor source, tied copies removed, floating tensors cast to ``dtype``."""
+    state_dict = deduplicate_shared(model.state_dict(), drop=tied_names(model))
+
+    def out_dtype(tensor) -> "torch.dtype":
+        return dtype if (dtype is not None and tensor.dtype.is_floating_point) else tensor.dtype
+
+    specs = [TensorSpec(name, out_dtype(t), tuple(t.shape)) for name, t in state_dict.items()]
+
+    def get(name: str):
+        tensor = state_dict[name].detach()
+        return tensor.to(device="cpu", dtype=out_dtype(tensor)).contiguous()
+
+    return TensorSource(specs=specs, get=get)
+
+
+def cocktail_merge(
+    method: str,
+    model_paths: list[str],
+    model_type: str,
+    *,
+    dtype: Optional["torch.dtype"],
+    **options: Any,
+) -> EngineResult:
+    """Merge with LM_Cocktail and wrap the returned model for the output stage."""
+    model, weights = run_cocktail(method, model_paths, model_type, **options)
+    source = model_source(model, dtype=dtype)
+    return EngineResult(
+        source=source,
+        weights=list(weights),
+        dtype=dtype or model.dtype,
+        engine="cocktail",
+        architectures=[type(model).__name__],
+        model=model,
+    )

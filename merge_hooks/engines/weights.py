@@ -1,0 +1,70 @@
+"""Weights for ``mix_models_with_data``, computed with LM_Cocktail's own loss functions in less memory.
+
+LM_Cocktail loads every candidate model before scoring them (N + 1 models in memory). Here the
+candidates are loaded one at a time into the first model, so at most two are held; the losses,
+the softmax and so the weights are LM_Cocktail's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import MergeHooksError
+
+logger = logging.getLogger(__name__)
+
+
+def compute_weights(
+    model_paths: list[Path],
+    model_type: str,
+    examples: list[dict],
+    *,
+    temperature: float,
+    batch_size: int,
+    max_input_length: int,
+    neg_number: int,
+    trust_remote_code: bool,
+) -> list[float]:
+    """Score every model on ``examples`` with LM_Cocktail's loss and turn the losses into weights.
+
+    Example:
+        >>> compute_weights([base, tuned], "encoder", examples, temperature=5.0, batch_size=2,
+        ...                 max_input_length=512, neg_number=7, trust_remote_code=False)
+        [0.41, 0.59]
+    """
+    import torch
+    from LM_Cocktail import utils
+    from transformers import AutoTokenizer
+
+    device = torch.device("cpu")
+    base = utils.load_model(str(model_paths[0]), model_type=model_type, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_paths[0]), trust_remote_code=trust_remote_code)
+    if model_type == "decoder":
+        if tokenizer.pad_token_id is None:
+            # LM_Cocktail pads with pad_token_id; decoder tokenizers often have none. Padding is masked out
+            # of the loss, so the end-of-sequence token serves.
+            if tokenizer.eos_token_id is None:
+                raise MergeHooksError(f"the tokenizer of {model_paths[0]} has neither a pad nor an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+        data = utils.preprocess_data_for_llm(
+            example_data=examples, tokenizer=tokenizer, device=device, batch_size=batch_size,
+            max_input_length=max_input_length,
+        )
+        loss_fn = utils.llm_loss
+    else:
+        data = utils.preprocess_data_for_embedder(
+            example_data=examples, tokenizer=tokenizer, device=device, batch_size=batch_size,
+            max_input_length=max_input_length, neg_number=neg_number,
+        )
+        loss_fn = utils.embedder_loss
+
+    losses = []
+    with torch.no_grad():
+        for path in model_paths:
+            candidate = utils.load_model(str(path), model_type=model_type, trust_remote_code=trust_remote_code)
+            base.load_state_dict(candidate.state_dict())
+            del candidate
+            losses.append(loss_fn(base_model=base, input_data=data))
+            logger.info("loss of %s on the examples: %.6f", path, losses[-1])
+    return torch.softmax(-torch.FloatTensor(losses) / temperature, -1).numpy().tolist()

@@ -1,0 +1,177 @@
+"""One merge from recipe to committed folder: preflight -> engine -> output format -> sidecars -> commit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .engines import EngineResult, output_dtype
+from .errors import MergeHooksError
+from .formats import WriteOptions, get_format
+from .preflight import InputModel, check_disk_space, check_output, load_inputs
+from .progress import byte_progress
+from .recipe import Recipe
+from .sidecar import write_sidecars
+from .staging import staged_output
+
+logger = logging.getLogger(__name__)
+
+# Room for config, tokenizer and other sidecar files on top of the weights.
+SIDECAR_ALLOWANCE = 64 * 10**6
+
+
+@dataclass
+class MergeResult:
+    """What a merge wrote."""
+
+    output: Path
+    files: list[tuple[str, int]]
+    weights: list[float]
+    engine: str
+    save_format: str
+    dtype: Optional[str]
+    model: Any = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+
+def load_examples(path: Path, model_type: str, *, neg_number: int) -> list[dict]:
+    """Read ``mix_models_with_data`` examples: JSON lines (or one JSON list) of LM_Cocktail's example dicts."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MergeHooksError(f"cannot read examples file {path}: {exc.strerror or exc}") from None
+    try:
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            examples = json.loads(text)
+        else:
+            examples = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as exc:
+        raise MergeHooksError(f"{path} is not JSON lines: {exc}") from None
+    required = ("input", "output") if model_type == "decoder" else ("query", "pos", "neg")
+    if not examples:
+        raise MergeHooksError(f"{path} holds no examples")
+    for i, example in enumerate(examples, 1):
+        if not isinstance(example, dict) or any(key not in example for key in required):
+            raise MergeHooksError(f"{path}: example {i} needs the keys {', '.join(required)} for a {model_type} merge")
+        if model_type == "encoder" and len(example["neg"]) < neg_number:
+            raise MergeHooksError(
+                f"{path}: example {i} has {len(example['neg'])} negatives, fewer than neg_number={neg_number}"
+            )
+    return examples
+
+
+def choose_engine(recipe: Recipe, models: list[InputModel]) -> str:
+    """``auto`` streams unless a model brings custom code, whose weights only its own classes know."""
+    if recipe.engine != "auto":
+        return recipe.engine
+    if any("auto_map" in m.config for m in models):
+        return "cocktail"
+    return "stream"
+
+
+def _merge(recipe: Recipe, models: list[InputModel], engine: str, examples: Optional[list[dict]], dtype) -> EngineResult:
+    paths = [m.path for m in models]
+    if engine == "cocktail":
+        from .engines.cocktail import cocktail_merge
+
+        return cocktail_merge(
+            recipe.method,
+            [str(p) for p in paths],
+            recipe.model_type,
+            dtype=dtype,
+            weights=None if examples is not None else recipe.weights,
+            examples=examples,
+            temperature=recipe.temperature,
+            batch_size=recipe.batch_size,
+            max_input_length=recipe.max_input_length,
+            neg_number=recipe.neg_number,
+        )
+    from .engines.stream import stream_merge
+
+    if examples is not None:
+        from .engines.weights import compute_weights
+
+        weights = compute_weights(
+            paths,
+            recipe.model_type,
+            examples,
+            temperature=recipe.temperature,
+            batch_size=recipe.batch_size,
+            max_input_length=recipe.max_input_length,
+            neg_number=recipe.neg_number,
+            trust_remote_code=recipe.trust_remote_code,
+        )
+        logger.info("weights from the examples: %s", ", ".join(f"{w:.6f}" for w in weights))
+    else:
+        weights = recipe.weights
+    return stream_merge(models, weights, dtype=dtype)
+
+
+def _dtype_name(dtype) -> Optional[str]:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
+def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False) -> MergeResult:
+    """Run a whole merge and write the result atomically to ``recipe.output.path``.
+
+    All checks run before any model is merged; on any error nothing is written.
+
+    Example:
+        >>> result = run_recipe(load_recipe("configs/encoder-mix_models.yaml"), overwrite=True)
+        >>> result.files
+        [('config.json', 712), ('pytorch_model.bin', 438012345), ...]
+    """
+    fmt = get_format(recipe.output.save_format)
+    target = check_output(recipe.output.path, overwrite=overwrite)
+    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code)
+    try:
+        check_output(target, overwrite=overwrite, inputs=tuple(m.path for m in models))
+        examples = None
+        if recipe.method == "mix_models_with_data":
+            examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)
+        first = models[0]
+        dtype = output_dtype(recipe.output.dtype, first.checkpoint.dtype)
+        itemsize = dtype.itemsize if dtype is not None else None
+        estimate = sum(
+            s.numel * (itemsize if (itemsize and s.dtype.is_floating_point) else s.dtype.itemsize)
+            for s in first.checkpoint.specs.values()
+        )
+        check_disk_space(target.parent, estimate * fmt.size_factor + SIDECAR_ALLOWANCE)
+
+        engine = choose_engine(recipe, models)
+        logger.info("merging %d models with the %s engine", len(models), engine)
+        result = _merge(recipe, models, engine, examples, dtype)
+        try:
+            with staged_output(target) as staging:
+                with byte_progress(result.source.total_bytes * fmt.size_factor, "writing", quiet=quiet) as advance:
+                    fmt.write(result.source, staging, WriteOptions(recipe.output.max_shard_bytes, progress=advance))
+                write_sidecars(
+                    first.path,
+                    staging,
+                    model_type=recipe.model_type,
+                    config=first.config,
+                    dtype_name=_dtype_name(result.dtype),
+                    architectures=result.architectures,
+                )
+        finally:
+            result.close()
+    finally:
+        for model in models:
+            model.checkpoint.close()
+    files = sorted((str(p.relative_to(target)), p.stat().st_size) for p in target.rglob("*") if p.is_file())
+    return MergeResult(
+        output=target,
+        files=files,
+        weights=result.weights,
+        engine=result.engine,
+        save_format=fmt.name,
+        dtype=_dtype_name(result.dtype),
+        model=result.model,
+    )

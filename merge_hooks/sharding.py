@@ -1,0 +1,63 @@
+"""Shared by every format: split tensors into shards by ``max_shard_size`` and write the index file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from .tensors import TensorSource
+
+
+def index_name(weights_name: str) -> str:
+    """``model.safetensors`` -> ``model.safetensors.index.json`` (the names transformers looks for)."""
+    return f"{weights_name}.index.json"
+
+
+def plan_shards(source: TensorSource, *, weights_name: str, max_shard_size: int) -> dict[str, list[str]]:
+    """File name -> tensor names, in the layout transformers and huggingface_hub use.
+
+    A single file keeps ``weights_name``; several become ``stem-00001-of-0000N.ext``.
+
+    Example:
+        >>> plan_shards(source, weights_name="pytorch_model.bin", max_shard_size=10**9)
+        {'pytorch_model.bin': ['embeddings.word_embeddings.weight', ...]}
+    """
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    stem, ext = weights_name.rsplit(".", 1)
+    split = split_state_dict_into_shards_factory(
+        {spec.name: spec for spec in source.specs},
+        get_storage_size=lambda spec: spec.nbytes,
+        # Every output tensor owns its storage (shared ones were removed before), so no two share an id.
+        get_storage_id=lambda spec: None,
+        filename_pattern=f"{stem}{{suffix}}.{ext}",
+        max_shard_size=max_shard_size,
+    )
+    return {name: list(tensors) for name, tensors in split.filename_to_tensors.items()}
+
+
+def write_sharded(
+    source: TensorSource,
+    directory: Path,
+    *,
+    weights_name: str,
+    max_shard_size: int,
+    write_file: Callable[[Path, TensorSource], None],
+) -> list[Path]:
+    """Write ``source`` as one file or as shards plus an index; return the paths written."""
+    plan = plan_shards(source, weights_name=weights_name, max_shard_size=max_shard_size)
+    written = []
+    for filename, names in plan.items():
+        path = directory / filename
+        write_file(path, source.subset(names))
+        written.append(path)
+    if len(plan) > 1:
+        index = {
+            "metadata": {"total_size": source.total_bytes},
+            "weight_map": {name: filename for filename, names in plan.items() for name in names},
+        }
+        index_path = directory / index_name(weights_name)
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(index_path)
+    return written

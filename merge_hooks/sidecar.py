@@ -1,0 +1,137 @@
+"""Everything a loader needs beside the weights: config, generation config, tokenizer, sentence-transformers files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+# Tokenizer files are copied, never re-saved: a tokenizer re-saved by transformers 5 can be unloadable
+# on transformers 4 ("TokenizersBackend"), a copied one loads wherever the source did.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+GENERATION_CONFIG = "generation_config.json"
+ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
+def write_config(source: Path, directory: Path, *, dtype_name: Optional[str], architectures: Optional[list[str]] = None) -> None:
+    """Copy ``config.json`` with its dtype field set to what was written.
+
+    transformers 4.56+ writes ``dtype``, older releases ``torch_dtype``; both stacks read either.
+    The field the source uses is updated; a config with neither gets ``torch_dtype``.
+    """
+    config = json.loads((source / "config.json").read_text())
+    if dtype_name is not None:
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+        for key in keys:
+            config[key] = dtype_name
+    if architectures:
+        config["architectures"] = list(architectures)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer_and_generation_files(source: Path, directory: Path) -> list[str]:
+    """Copy the first model's tokenizer files and ``generation_config.json``; return the names copied."""
+    copied = []
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
+        if (source / name).is_file():
+            shutil.copy2(source / name, directory / name)
+            copied.append(name)
+    return copied
+
+
+def _module_dirs(modules: list[dict]) -> list[str]:
+    return [m["path"] for m in modules if m.get("path")]
+
+
+def copy_sentence_transformers_files(source: Path, directory: Path) -> bool:
+    """Copy the source's sentence-transformers layout (its pooling kept); False when it has none."""
+    modules_path = source / "modules.json"
+    if not modules_path.is_file():
+        return False
+    modules = json.loads(modules_path.read_text())
+    for name in ST_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, directory / name)
+    for module_dir in _module_dirs(modules):
+        src = source / module_dir
+        if src.is_dir():
+            shutil.copytree(src, directory / module_dir, dirs_exist_ok=True)
+            if any(p.suffix in {".safetensors", ".bin", ".pt"} for p in src.rglob("*")):
+                logger.warning(
+                    "sentence-transformers module %s has weights of its own; they are copied from the first model, not merged",
+                    module_dir,
+                )
+    return True
+
+
+def write_default_sentence_transformers_files(directory: Path, *, hidden_size: int, max_seq_length: int) -> None:
+    """CLS pooling + Normalize, as bge models use and LM_Cocktail writes, in the layout every
+    sentence-transformers release reads (3.x to 6.x)."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    pooling = {
+        "word_embedding_dimension": hidden_size,
+        "pooling_mode_cls_token": True,
+        "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False,
+        "include_prompt": True,
+    }
+    (directory / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
+    (directory / "2_Normalize").mkdir(exist_ok=True)
+    (directory / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2) + "\n"
+    )
+
+
+def max_seq_length(source: Path, config: dict) -> int:
+    """What sentence-transformers would pick: the tokenizer's limit, capped by the position embeddings."""
+    limit = config.get("max_position_embeddings", 512)
+    tok_config = source / "tokenizer_config.json"
+    if tok_config.is_file():
+        model_max = json.loads(tok_config.read_text()).get("model_max_length")
+        if isinstance(model_max, int) and 0 < model_max < limit:
+            limit = model_max
+    return int(limit)
+
+
+def write_sidecars(
+    source: Path,
+    directory: Path,
+    *,
+    model_type: str,
+    config: dict,
+    dtype_name: Optional[str],
+    architectures: Optional[list[str]] = None,
+) -> None:
+    """Write every non-weight file a loader of this model type needs, taken from the first model."""
+    write_config(source, directory, dtype_name=dtype_name, architectures=architectures)
+    copy_tokenizer_and_generation_files(source, directory)
+    if model_type == "encoder" and not copy_sentence_transformers_files(source, directory):
+        write_default_sentence_transformers_files(
+            directory, hidden_size=int(config.get("hidden_size", 0)), max_seq_length=max_seq_length(source, config)
+        )
