@@ -1,0 +1,72 @@
+"""Assertions and merges shared by the test modules."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+from pathlib import Path
+
+import torch
+
+from merge_hooks.pipeline import run_recipe
+from merge_hooks.recipe import recipe_from_dict
+
+FAMILY = {"encoder": "bert-encoder", "reranker": "bert-reranker", "decoder": "llama-decoder"}
+WEIGHTS3 = [0.5, 0.3, 0.2]
+
+
+def auto_class(model_type: str):
+    import transformers
+
+    return {
+        "encoder": transformers.AutoModel,
+        "reranker": transformers.AutoModelForSequenceClassification,
+        "decoder": transformers.AutoModelForCausalLM,
+    }[model_type]
+
+
+def lm_cocktail_state_dict(method: str, paths: list[Path], model_type: str, weights: list[float]) -> dict:
+    """What LM_Cocktail itself merges (nothing written)."""
+    import LM_Cocktail
+
+    # mix_models_by_layers gc.collect()s per tensor; frozen objects make that cheap (results unchanged).
+    gc.freeze()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = getattr(LM_Cocktail, method)([str(p) for p in paths], model_type, weights, output_path=None)
+    finally:
+        gc.unfreeze()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def load_state_dict(folder: Path, model_type: str) -> dict:
+    model = auto_class(model_type).from_pretrained(str(folder))
+    return model.state_dict()
+
+
+def assert_same_tensors(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(actual[name], tensor), f"tensor {name} differs"
+
+
+def merge(paths, model_type, output, *, weights=None, overwrite=False, **options):
+    output_keys = {k: options.pop(k) for k in ("save_format", "max_shard_size", "dtype") if k in options}
+    recipe = recipe_from_dict({
+        "model_type": model_type,
+        "models": [{"path": str(p), "weight": w} for p, w in zip(paths, weights or WEIGHTS3)],
+        "output": {"path": str(output), **output_keys},
+        **options,
+    })
+    return run_recipe(recipe, overwrite=overwrite, quiet=True)
+
+
+def weight_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".safetensors"} or p.name.endswith(".index.json"))
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    """Anything a run left beside ``name`` (staging folders)."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}"))
