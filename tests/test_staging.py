@@ -1,0 +1,131 @@
+"""Atomic output: a crash, Ctrl-C, SIGTERM, SIGKILL or full disk never leaves a partial output folder."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import leftovers, weight_files
+from merge_hooks.errors import MergeHooksError
+from merge_hooks.staging import staged_output
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A merge whose writer pauses on every tensor, announcing through a marker file that writing has begun.
+SLOW_MERGE = """
+import sys, time
+from pathlib import Path
+import merge_hooks.io.safetensors_io as io
+from merge_hooks.tensors import TensorSource
+from merge_hooks.cli import main
+
+marker = Path(sys.argv[1])
+real_write = io.write_safetensors
+
+def slow_write(path, source, **kwargs):
+    def get(name):
+        marker.touch()
+        time.sleep(0.3)
+        return source.get(name)
+    real_write(path, TensorSource(specs=source.specs, get=get), **kwargs)
+
+io.write_safetensors = slow_write
+main(sys.argv[2:])
+"""
+
+
+def test_commit_and_rollback(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with staged_output(target) as staging:
+            (staging / "half.bin").write_bytes(b"x")
+            raise RuntimeError("crash while writing")
+    assert not target.exists() and leftovers(tmp_path, "out") == []
+
+    with staged_output(target) as staging:
+        (staging / "a.txt").write_text("new")
+    assert (target / "a.txt").read_text() == "new" and leftovers(tmp_path, "out") == []
+
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(target) as staging:
+            (staging / "b.txt").write_text("newer")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"] and leftovers(tmp_path, "out") == []
+
+    with staged_output(target) as staging:
+        (staging / "c.txt").write_text("replacement")
+    assert sorted(p.name for p in target.iterdir()) == ["c.txt"] and leftovers(tmp_path, "out") == []
+
+
+def test_full_disk_is_a_clear_error(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(MergeHooksError, match="disk full"):
+        with staged_output(target) as staging:
+            (staging / "w.bin").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not target.exists() and leftovers(tmp_path, "out") == []
+
+
+def _start_slow_merge(tmp_path: Path, models, out: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
+    marker = tmp_path / "writing-started"
+    args = ["merge", "--model-type", "encoder", "--models", *map(str, models), "--weights", "0.5", "0.5",
+            "-o", str(out), "-q", *extra]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_MERGE, str(marker), *args], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the merge never started writing"
+        time.sleep(0.05)
+    return proc, marker
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_write_leaves_nothing(sig, make_models, tmp_path):
+    models = make_models("bert-encoder", 2)
+    out = tmp_path / "merged"
+    proc, _ = _start_slow_merge(tmp_path, models, out)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not out.exists()
+    assert leftovers(tmp_path, "merged") == []
+
+
+def test_sigkill_mid_write_leaves_no_output_and_next_run_cleans_up(make_models, tmp_path):
+    from merge_hooks.cli import main
+
+    models = make_models("bert-encoder", 2)
+    out = tmp_path / "merged"
+    proc, _ = _start_slow_merge(tmp_path, models, out)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not out.exists()
+    assert len(leftovers(tmp_path, "merged")) == 1  # SIGKILL cannot be caught: the staging folder stays...
+    with pytest.raises(SystemExit) as done:
+        main(["merge", "--model-type", "encoder", "--models", *map(str, models), "--weights", "0.5", "0.5",
+              "-o", str(out), "-q"])
+    assert done.value.code == 0
+    assert leftovers(tmp_path, "merged") == []  # ...until the next run removes it.
+    assert weight_files(out) == ["model.safetensors"]
+
+
+def test_killed_overwrite_keeps_previous_output(make_models, tmp_path):
+    models = make_models("bert-encoder", 2)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"previous weights")
+    proc, _ = _start_slow_merge(tmp_path, models, out, "--overwrite")
+    proc.terminate()
+    proc.wait(timeout=60)
+    assert sorted(p.name for p in out.iterdir()) == ["pytorch_model.bin"]
+    assert (out / "pytorch_model.bin").read_bytes() == b"previous weights"
+    assert leftovers(tmp_path, "merged") == []
