@@ -1,0 +1,270 @@
+"""Read and write ``.safetensors`` files one tensor at a time.
+
+The format is an 8-byte little-endian header length, a JSON header (dtype, shape and byte range
+of every tensor, plus optional ``__metadata__``), then the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..tensors import TensorSource, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+# The safetensors library refuses larger headers; so do we, before allocating for one.
+MAX_HEADER_SIZE = 100_000_000
+# The library pads the header with spaces so the data section starts 8-byte aligned.
+HEADER_ALIGNMENT = 8
+
+_DTYPE_NAMES = (
+    ("F64", "float64"),
+    ("F32", "float32"),
+    ("F16", "float16"),
+    ("BF16", "bfloat16"),
+    ("I64", "int64"),
+    ("I32", "int32"),
+    ("I16", "int16"),
+    ("I8", "int8"),
+    ("U8", "uint8"),
+    ("BOOL", "bool"),
+    ("C64", "complex64"),
+    ("U64", "uint64"),
+    ("U32", "uint32"),
+    ("U16", "uint16"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+)
+# Only the dtypes this torch build has; older builds lack the unsigned and float8 ones.
+DTYPES: dict[str, torch.dtype] = {
+    code: getattr(torch, attr) for code, attr in _DTYPE_NAMES if hasattr(torch, attr)
+}
+_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+
+
+def read_safetensors_header(
+    path: str | os.PathLike,
+) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]], dict[str, str]]:
+    """Parse the header of a safetensors file without reading any tensor data.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        ``(specs, ranges, metadata)``: the tensor specs by name in the order their data appears in the
+        file, each tensor's ``(start, end)`` byte range measured from the start of the file, and the
+        ``__metadata__`` strings (empty when the file has none).
+
+    Raises:
+        ValueError: the header is truncated or corrupt; the message names the file.
+
+    Example:
+        >>> specs, ranges, metadata = read_safetensors_header("model.safetensors")
+        >>> specs["embeddings.word_embeddings.weight"].shape
+        (30522, 768)
+    """
+    with open(path, "rb", buffering=0) as f:
+        return _read_header(f, str(path))
+
+
+def _read_header(f, path: str) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]], dict[str, str]]:
+    file_size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise ValueError(f"{path}: not a safetensors file (only {file_size} bytes, too short for a header)")
+    (header_size,) = struct.unpack("<Q", prefix)
+    if header_size > MAX_HEADER_SIZE or 8 + header_size > file_size:
+        raise ValueError(
+            f"{path}: corrupt or truncated safetensors file (header claims {header_size} bytes, file has {file_size})"
+        )
+    try:
+        header = json.loads(f.read(header_size))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+
+    data_start = 8 + header_size
+    entries = []
+    for name, info in header.items():
+        spec, begin, end = _parse_entry(path, name, info)
+        if data_start + end > file_size:
+            raise ValueError(f"{path}: truncated safetensors file (tensor {name!r} ends past the end of the file)")
+        entries.append((begin, spec, (data_start + begin, data_start + end)))
+    # Sorting by offset makes a reader that follows `specs` read the file front to back.
+    entries.sort(key=lambda entry: entry[0])
+    specs = {spec.name: spec for _, spec, _ in entries}
+    ranges = {spec.name: byte_range for _, spec, byte_range in entries}
+    return specs, ranges, metadata
+
+
+def _parse_entry(path: str, name: str, info: object) -> tuple[TensorSpec, int, int]:
+    try:
+        code, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
+    if code not in DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {code!r}, which this torch build cannot hold")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"{path}: corrupt safetensors header, tensor {name!r} has shape {shape!r}")
+    spec = TensorSpec(name, DTYPES[code], tuple(shape))
+    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin and end - begin == spec.nbytes):
+        raise ValueError(
+            f"{path}: corrupt safetensors header, tensor {name!r} ({code} {shape}) needs {spec.nbytes} bytes "
+            f"but data_offsets are {[begin, end]}"
+        )
+    return spec, begin, end
+
+
+class SafetensorsReader:
+    """Read tensors from one safetensors file, each into freshly allocated memory.
+
+    Unlike ``safetensors.safe_open`` nothing is memory-mapped: mapped pages that were read stay
+    resident and count toward the process's RSS, while a tensor read here is freed as soon as the
+    caller drops it.
+
+    Example:
+        >>> with SafetensorsReader("model.safetensors") as reader:
+        ...     for spec in reader.specs:
+        ...         tensor = reader.get(spec.name)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = open(self.path, "rb", buffering=0)
+        try:
+            self._specs, self._ranges, self.metadata = _read_header(self._file, str(self.path))
+        except BaseException:
+            self._file.close()
+            raise
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        """Every tensor's spec, in the order the data lies in the file."""
+        return list(self._specs.values())
+
+    def keys(self) -> list[str]:
+        return list(self._specs)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` into a new, writable tensor that owns its memory."""
+        try:
+            spec = self._specs[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+        start, end = self._ranges[name]
+        # Hand-written because safetensors has no pread-based reader and safe_open mmaps the file.
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        done = 0
+        while done < len(view):
+            self._file.seek(start + done)
+            n = self._file.readinto(view[done:])
+            if not n:
+                raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
+            done += n
+        return buffer.view(spec.dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    source: TensorSource,
+    *,
+    metadata: Optional[dict[str, str]] = None,
+    progress: Optional[Callable[[int], object]] = None,
+) -> None:
+    """Write ``source`` as a safetensors file, holding one tensor in memory at a time.
+
+    The header is built from the specs alone, then each tensor is produced by ``source.get``,
+    checked against its spec, written, and dropped before the next one is asked for.
+
+    Args:
+        path: the file to create (overwritten if it exists).
+        source: the tensors to write, in file order.
+        metadata: strings stored in ``__metadata__``, on top of ``{"format": "pt"}``.
+        progress: called with each tensor's byte count once it is written (e.g. ``tqdm.update``).
+
+    Raises:
+        ValueError: a tensor name repeats or is reserved, a dtype has no safetensors code, a
+            metadata value is not a string, or ``source.get`` returned a tensor whose dtype or
+            shape differs from its spec; the message names the tensor.
+
+    Example:
+        >>> source = TensorSource.from_state_dict({"w": torch.ones(2, 3)})
+        >>> write_safetensors("model.safetensors", source, metadata={"merged_by": "merge-hooks"})
+    """
+    header_bytes = _build_header(source, {"format": "pt", **(metadata or {})})
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for spec in source.specs:
+            tensor = source.get(spec.name)
+            check_tensor(tensor, spec)
+            data = tensor_bytes(tensor)
+            f.write(data)
+            del tensor, data
+            if progress is not None:
+                progress(spec.nbytes)
+    logger.debug("wrote %d tensors (%d bytes) to %s", len(source), source.total_bytes, path)
+
+
+def _build_header(source: TensorSource, metadata: dict[str, str]) -> bytes:
+    bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
+    if bad:
+        raise ValueError(f"safetensors metadata must map strings to strings; got {bad!r}")
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in source.specs:
+        if spec.name in header:
+            what = "is reserved" if spec.name == "__metadata__" else "appears twice"
+            raise ValueError(f"tensor name {spec.name!r} {what}; safetensors needs unique tensor names")
+        if spec.dtype not in _CODES:
+            raise ValueError(f"tensor {spec.name!r} has dtype {spec.dtype}, which safetensors cannot store")
+        header[spec.name] = {
+            "dtype": _CODES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return encoded + b" " * (-len(encoded) % HEADER_ALIGNMENT)
+
+
+def check_tensor(tensor: object, spec: TensorSpec) -> None:
+    """Raise ``ValueError`` naming the tensor unless ``tensor`` matches ``spec``'s dtype and shape."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"tensor {spec.name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
+        raise ValueError(
+            f"tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)} but was planned as "
+            f"{spec.dtype} {tuple(spec.shape)}"
+        )
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's raw bytes, without a copy when it is already a contiguous CPU tensor."""
+    # Viewing as uint8 first works for every dtype, including bfloat16 and float8, which numpy lacks.
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())

@@ -1,0 +1,303 @@
+"""merge_hooks.io.torch_io: the streaming ``torch.save`` writer and the mmap-based reader."""
+
+import os
+import struct
+import subprocess
+import sys
+import weakref
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import merge_hooks.io.torch_io as torch_io
+from merge_hooks.io.safetensors_io import DTYPES
+from merge_hooks.io.torch_io import TorchReader, write_torch
+from merge_hooks.tensors import TensorSource, TensorSpec
+
+REPO = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+
+def _random(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape) > 0.5
+    if dtype.is_complex:
+        return torch.randn(shape, dtype=dtype)
+    if dtype.is_floating_point:
+        return (torch.randn(shape) * 4).to(dtype)
+    return torch.randint(0, 120, shape).to(dtype)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _all_dtypes_state_dict() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    tensors = {}
+    for code, dtype in DTYPES.items():
+        tensors[f"{code}.matrix"] = _random(dtype, (3, 5))
+        tensors[f"{code}.odd"] = _random(dtype, (7,))
+        tensors[f"{code}.scalar"] = _random(dtype, ())
+        tensors[f"{code}.empty"] = _random(dtype, (0, 4))
+    return tensors
+
+
+def _assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert list(loaded) == list(expected)
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype, name
+        assert loaded[name].shape == tensor.shape, name
+        assert torch.equal(_bits(loaded[name]), _bits(tensor)), name
+
+
+def _data_records(path: Path) -> dict[str, tuple[int, int, int]]:
+    """Per record: its data offset, the CRC-32 in its data descriptor (or local header), the central one."""
+    records = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        for info in archive.infolist():
+            f.seek(info.header_offset)
+            header = f.read(30)
+            flags = struct.unpack("<H", header[6:8])[0]
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            data = info.header_offset + 30 + name_length + extra_length
+            if flags & 0x08:
+                f.seek(data + info.file_size)
+                signature, local_crc = struct.unpack("<4sI", f.read(8))
+                assert signature == b"PK\x07\x08"
+            else:
+                local_crc = struct.unpack("<I", header[14:18])[0]
+            records[info.filename] = (data, local_crc, info.CRC)
+    return records
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+def test_write_matches_torch_save_for_every_dtype(tmp_path, mmap):
+    tensors = _all_dtypes_state_dict()
+    ours, theirs = tmp_path / "ours.bin", tmp_path / "theirs.bin"
+    write_torch(ours, TensorSource.from_state_dict(tensors))
+    torch.save(tensors, theirs)
+
+    loaded = torch.load(ours, weights_only=True, mmap=mmap)
+    _assert_same(loaded, torch.load(theirs, weights_only=True, mmap=mmap))
+    _assert_same(loaded, tensors)
+    assert len({t.untyped_storage().data_ptr() for t in loaded.values() if t.numel()}) == sum(
+        1 for t in tensors.values() if t.numel()
+    ), "one storage per tensor"
+
+
+def test_archive_crcs_and_alignment(tmp_path):
+    tensors = _all_dtypes_state_dict()
+    path = tmp_path / "pytorch_model.bin"
+    write_torch(path, TensorSource.from_state_dict(tensors))
+
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        names = archive.namelist()
+    records = _data_records(path)
+    for key, tensor in enumerate(tensors.values()):
+        name = f"pytorch_model/data/{key}"
+        assert name in names
+        data_offset, local_crc, central_crc = records[name]
+        assert data_offset % 64 == 0
+        assert local_crc == central_crc == zlib.crc32(bytes(_bits(tensor).numpy())), name
+    for name, (_, local_crc, central_crc) in records.items():
+        assert local_crc == central_crc, name
+
+
+def test_spec_mismatch_names_the_tensor(tmp_path):
+    specs = [TensorSpec("fine", torch.float32, (1,)), TensorSpec("layer.7.weight", torch.bfloat16, (2, 3))]
+    source = TensorSource(specs, lambda name: torch.zeros(1) if name == "fine" else torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"layer\.7\.weight"):
+        write_torch(tmp_path / "pytorch_model.bin", source)
+    duplicate = TensorSource([TensorSpec("a", torch.float32, (1,))] * 2, lambda name: torch.zeros(1))
+    with pytest.raises(ValueError, match="'a'"):
+        write_torch(tmp_path / "dup.bin", duplicate)
+
+
+def test_writer_streams_in_order_and_reports_progress(tmp_path):
+    specs = [TensorSpec(f"t{i}", torch.float16, (i + 1, 3)) for i in range(5)]
+    handed_out: list[weakref.ref] = []
+    order = []
+
+    def get(name):
+        assert all(ref() is None for ref in handed_out), "previous tensor still alive when the next is asked for"
+        order.append(name)
+        tensor = torch.full(next(s.shape for s in specs if s.name == name), float(len(order)), dtype=torch.float16)
+        handed_out.append(weakref.ref(tensor))
+        return tensor
+
+    done = []
+    path = tmp_path / "pytorch_model.bin"
+    write_torch(path, TensorSource(specs, get), progress=done.append)
+    assert order == [s.name for s in specs]
+    assert done == [s.nbytes for s in specs]
+    loaded = torch.load(path, weights_only=True)
+    for i, spec in enumerate(specs):
+        assert torch.equal(loaded[spec.name], torch.full(spec.shape, float(i + 1), dtype=torch.float16))
+
+
+def test_reader_reads_torch_save_files(tmp_path):
+    base = torch.randn(6, 4)
+    tensors = {
+        "w": base,
+        "tied": base,
+        "transposed": base.t(),
+        "row": base[2],
+        "ids": torch.arange(9),
+        "half": torch.randn(5, dtype=torch.bfloat16),
+        "param": torch.nn.Parameter(torch.randn(2)),
+    }
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(tensors, path)
+
+    with TorchReader(path) as reader:
+        assert reader.keys() == list(tensors)
+        assert reader.specs == [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+        got = {name: reader.get(name) for name in reader.keys()}
+        with pytest.raises(KeyError, match="nope"):
+            reader.get("nope")
+    for name, tensor in tensors.items():
+        assert torch.equal(got[name], tensor), name
+        assert got[name].is_contiguous(), name
+        assert got[name].untyped_storage().nbytes() == got[name].nbytes, f"{name} must own its memory"
+        assert type(got[name]) is torch.Tensor and not got[name].requires_grad, name
+    got["w"] += 1
+    assert torch.equal(got["tied"], base), "copies must not share memory"
+
+
+def test_reader_remaps_and_stays_correct(tmp_path, monkeypatch):
+    tensors = _all_dtypes_state_dict()
+    path = tmp_path / "pytorch_model.bin"
+    write_torch(path, TensorSource.from_state_dict(tensors))
+    loads = []
+    real_load = torch.load
+
+    def counting_load(*args, **kwargs):
+        loads.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch_io, "REMAP_AFTER_BYTES", 40)
+    monkeypatch.setattr(torch, "load", counting_load)
+    with TorchReader(path) as reader:
+        _assert_same({name: reader.get(name) for name in reader.keys()}, tensors)
+    assert len(loads) > 3
+    assert all(kw == {"weights_only": True, "mmap": True, "map_location": "cpu"} for kw in loads)
+
+
+def test_reader_handles_legacy_files(tmp_path):
+    tensors = {"w": torch.randn(3, 3), "b": torch.arange(3, dtype=torch.int32)}
+    path = tmp_path / "legacy.bin"
+    torch.save(tensors, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    with TorchReader(path) as reader:
+        _assert_same({name: reader.get(name) for name in reader.keys()}, tensors)
+
+
+class _NotATensor:
+    pass
+
+
+def test_reader_refuses_anything_but_a_dict_of_tensors(tmp_path):
+    nested = tmp_path / "nested.bin"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, nested)
+    with pytest.raises(ValueError, match="state_dict"):
+        TorchReader(nested)
+    unsafe = tmp_path / "unsafe.bin"
+    torch.save({"w": torch.zeros(1), "obj": _NotATensor()}, unsafe)
+    with pytest.raises(ValueError, match="unsafe.bin"):
+        TorchReader(unsafe)
+
+
+_MEMORY_SCRIPT = """
+import sys, torch
+from merge_hooks.io.torch_io import TorchReader, write_torch
+from merge_hooks.tensors import TensorSource, TensorSpec
+
+def peak_mb():
+    # Not ru_maxrss: Linux carries the spawning process's peak across exec, so under pytest it
+    # would start at pytest's own peak and hide anything smaller. VmHWM starts fresh at exec.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+n = 50 * 2**20 // 4
+specs = [TensorSpec(f"t{i}", torch.float32, (n,)) for i in range(6)]
+source = TensorSource(specs, lambda name: torch.full((n,), float(name[1:])))
+if sys.argv[1] == "write":
+    # The first write sets up torch's fake-tensor machinery once, whatever the file size.
+    tiny = TensorSource([TensorSpec("w", torch.float32, (1,))], lambda name: torch.zeros(1))
+    write_torch(sys.argv[2] + ".warmup", tiny)
+    base = peak_mb()
+    write_torch(sys.argv[2], source)
+else:
+    base = peak_mb()
+    with TorchReader(sys.argv[2]) as reader:
+        for spec in reader.specs:
+            tensor = reader.get(spec.name)
+            # min and max read every page, as merging would, without allocating a second tensor.
+            assert tensor.min().item() == tensor.max().item() == float(spec.name[1:])
+            del tensor
+print(peak_mb() - base)
+"""
+
+
+def _peak_rss_above_baseline_mb(mode: str, path: Path) -> float:
+    result = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, mode, str(path)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(result.stdout.strip())
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for peak RSS")
+def test_write_and_read_memory_stay_near_one_tensor(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    written = _peak_rss_above_baseline_mb("write", path)
+    assert path.stat().st_size > 300 * MB
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+    loaded = torch.load(path, weights_only=True, mmap=True)
+    assert [loaded[f"t{i}"][-1].item() for i in range(6)] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    del loaded
+    # Six 50 MB tensors: holding them all would be 300 MB; streaming needs about one.
+    assert written < 3 * 50 + 100, f"writer peak RSS {written:.0f} MB above baseline"
+
+    read = _peak_rss_above_baseline_mb("read", path)
+    # Without re-mapping, every page read stays resident: 300 MB mapped plus the copy.
+    assert read < 2 * 50 + 150, f"reader peak RSS {read:.0f} MB above baseline"
+
+
+def test_record_layout_past_4_gib(tmp_path):
+    """Past 4 GiB torch switches to zip64 headers and descriptors; the CRC fields must still be found.
+
+    Only the skeleton is written (torch leaves skipped data as a hole), so this costs no disk or memory.
+    """
+    specs = [TensorSpec("huge", torch.float32, (1100 * MB,)), TensorSpec("after", torch.float16, (3,))]
+    path = tmp_path / "pytorch_model.bin"
+    torch_io._write_skeleton(path, specs)
+    records = torch_io._storage_records(path, specs)
+
+    with zipfile.ZipFile(path) as archive:
+        start_dir = archive.start_dir
+        infos = [archive.getinfo(f"pytorch_model/data/{key}") for key in range(2)]
+    assert infos[1].header_offset > 2**32
+    with open(path, "rb") as f:
+        for info, record in zip(infos, records):
+            assert record.data_offset % 64 == 0 and record.data_offset > info.header_offset
+            local, central = record.crc_offsets
+            f.seek(local - 4)
+            assert f.read(4) == b"PK\x07\x08"
+            assert local == record.data_offset + info.file_size + 4
+            assert central > start_dir
+            f.seek(central - 16)
+            entry = f.read(46)
+            assert entry[:4] == b"PK\x01\x02"
+            name_length = struct.unpack("<H", entry[28:30])[0]
+            assert f.read(name_length).decode() == info.filename
