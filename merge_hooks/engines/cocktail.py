@@ -27,9 +27,12 @@ class _LogStream(io.TextIOBase):
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self._partial = ""
 
     def write(self, text: str) -> int:
-        for line in text.splitlines():
+        # print() hands over its arguments and the newline in separate writes: log whole lines only.
+        *complete, self._partial = (self._partial + text).split("\n")
+        for line in complete:
             if line.strip():
                 self.lines.append(line.strip())
                 logger.info("LM_Cocktail: %s", line.strip())
