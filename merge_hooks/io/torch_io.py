@@ -1,14 +1,13 @@
 """Read and write ``pytorch_model.bin`` files (``torch.save`` zip archives) one tensor at a time.
 
-Writing first lets ``torch.save`` lay out the whole archive with ``skip_data`` over fake tensors,
-which allocate nothing, then fills each storage record in place and patches its CRC-32. Keeping
+Writing first lets ``torch.save`` lay out the whole archive with ``skip_data`` over placeholder
+tensors whose memory is never touched, then fills each storage record in place and patches its CRC-32. Keeping
 torch's own layout (64-byte aligned records, miniz data descriptors, zip64 past 4 GiB) matters:
 ``torch.load(mmap=True)`` can compute storage offsets from that layout instead of reading it.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import pickle
@@ -67,7 +66,7 @@ def write_torch(
     Raises:
         ValueError: a tensor name repeats, or ``source.get`` returned a tensor whose dtype or
             shape differs from its spec; the message names the tensor.
-        MergeHooksError: this torch lacks the ``skip_data``/``FakeTensorMode`` APIs used here.
+        MergeHooksError: this torch lacks ``torch.serialization.skip_data``.
 
     Example:
         >>> source = TensorSource.from_state_dict({"w": torch.ones(2, 3)})
@@ -100,22 +99,21 @@ def write_torch(
 
 
 def _write_skeleton(path: str | os.PathLike, specs: list[TensorSpec]) -> None:
-    """Have torch.save write the archive with every storage record sized but left unwritten."""
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+    """Have torch.save write the archive with every storage record sized but left unwritten.
 
-        skip_data = torch.serialization.skip_data
-        if "materialize_fake_tensors" not in inspect.signature(skip_data).parameters:
-            raise AttributeError("skip_data(materialize_fake_tensors=...)")
-    except (ImportError, AttributeError) as exc:
+    The placeholders are uninitialised ``torch.empty`` tensors: skip_data never reads them, so their
+    pages are never touched and cost no resident memory (FakeTensorMode would do the same but takes
+    seconds to set up on first use).
+    """
+    skip_data = getattr(torch.serialization, "skip_data", None)
+    if skip_data is None:
         raise MergeHooksError(
-            f"writing .bin files needs torch.serialization.skip_data(materialize_fake_tensors=True) and "
-            f"FakeTensorMode, which torch {torch.__version__} lacks ({exc}); upgrade torch or write safetensors"
-        ) from None
-    with FakeTensorMode():
-        fakes = {spec.name: torch.empty(spec.shape, dtype=spec.dtype) for spec in specs}
-    with skip_data(materialize_fake_tensors=True):
-        torch.save(fakes, path)
+            f"writing .bin files needs torch.serialization.skip_data, which torch {torch.__version__} lacks; "
+            "upgrade torch (>= 2.5) or write safetensors"
+        )
+    placeholders = {spec.name: torch.empty(spec.shape, dtype=spec.dtype) for spec in specs}
+    with skip_data():
+        torch.save(placeholders, path)
 
 
 def _storage_records(path: str | os.PathLike, specs: list[TensorSpec]) -> list[_StorageRecord]:
