@@ -56,12 +56,57 @@ def copy_tokenizer_and_generation_files(source: Path, directory: Path) -> list[s
     return copied
 
 
-def _module_dirs(modules: list[dict]) -> list[str]:
-    return [m["path"] for m in modules if m.get("path")]
+# sentence-transformers >= 5.4 writes new module type paths and configs, which releases <= 5.3 cannot
+# read; every release reads the old layout, so the common modules are written back in it.
+_LEGACY_MODULE_TYPES = {
+    "Transformer": "sentence_transformers.models.Transformer",
+    "Pooling": "sentence_transformers.models.Pooling",
+    "Normalize": "sentence_transformers.models.Normalize",
+}
+_POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+_NEW_POOLING_NAMES = {"cls": "cls_token", "mean": "mean_tokens", "max": "max_tokens",
+                      "mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "weightedmean": "weightedmean_tokens",
+                      "lasttoken": "lasttoken"}
 
 
-def copy_sentence_transformers_files(source: Path, directory: Path) -> bool:
-    """Copy the source's sentence-transformers layout (its pooling kept); False when it has none."""
+def _legacy_pooling_config(config: dict) -> dict:
+    if "pooling_mode" not in config:
+        return config
+    modes = config["pooling_mode"]
+    modes = {_NEW_POOLING_NAMES[m] for m in ([modes] if isinstance(modes, str) else modes)}
+    legacy = {"word_embedding_dimension": config.get("embedding_dimension", config.get("word_embedding_dimension"))}
+    legacy.update({f"pooling_mode_{mode}": mode in modes for mode in _POOLING_MODES})
+    if "include_prompt" in config:
+        legacy["include_prompt"] = config["include_prompt"]
+    return legacy
+
+
+def _write_legacy_layout(modules: list[dict], directory: Path, *, max_seq_length: int) -> bool:
+    """Rewrite a new-layout folder's modules in the old layout; False if a module has no old equivalent."""
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    if any(kind not in _LEGACY_MODULE_TYPES for kind in kinds):
+        return False
+    for module, kind in zip(modules, kinds):
+        module["type"] = _LEGACY_MODULE_TYPES[kind]
+        if kind == "Pooling":
+            pooling_path = directory / module["path"] / "config.json"
+            pooling_path.write_text(json.dumps(_legacy_pooling_config(json.loads(pooling_path.read_text())), indent=2) + "\n")
+    st_config_path = directory / "sentence_bert_config.json"
+    st_config = json.loads(st_config_path.read_text()) if st_config_path.is_file() else {}
+    st_config_path.write_text(json.dumps({
+        "max_seq_length": st_config.get("max_seq_length", max_seq_length),
+        "do_lower_case": st_config.get("do_lower_case", False),
+    }, indent=2) + "\n")
+    (directory / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    return True
+
+
+def copy_sentence_transformers_files(source: Path, directory: Path, *, max_seq_length: int = 512) -> bool:
+    """Copy the source's sentence-transformers layout (its pooling kept); False when it has none.
+
+    A layout written by sentence-transformers >= 5.4 is written back in the old layout when it only
+    uses Transformer, Pooling and Normalize modules, so the folder loads with every release.
+    """
     modules_path = source / "modules.json"
     if not modules_path.is_file():
         return False
@@ -69,7 +114,7 @@ def copy_sentence_transformers_files(source: Path, directory: Path) -> bool:
     for name in ST_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, directory / name)
-    for module_dir in _module_dirs(modules):
+    for module_dir in (m["path"] for m in modules if m.get("path")):
         src = source / module_dir
         if src.is_dir():
             shutil.copytree(src, directory / module_dir, dirs_exist_ok=True)
@@ -78,6 +123,9 @@ def copy_sentence_transformers_files(source: Path, directory: Path) -> bool:
                     "sentence-transformers module %s has weights of its own; they are copied from the first model, not merged",
                     module_dir,
                 )
+    if any(not m["type"].startswith("sentence_transformers.models.") for m in modules):
+        if not _write_legacy_layout(modules, directory, max_seq_length=max_seq_length):
+            logger.warning("%s uses sentence-transformers modules that only releases >= 5.4 can load", modules_path)
     return True
 
 
@@ -131,7 +179,8 @@ def write_sidecars(
     """Write every non-weight file a loader of this model type needs, taken from the first model."""
     write_config(source, directory, dtype_name=dtype_name, architectures=architectures)
     copy_tokenizer_and_generation_files(source, directory)
-    if model_type == "encoder" and not copy_sentence_transformers_files(source, directory):
+    seq_length = max_seq_length(source, config)
+    if model_type == "encoder" and not copy_sentence_transformers_files(source, directory, max_seq_length=seq_length):
         write_default_sentence_transformers_files(
-            directory, hidden_size=int(config.get("hidden_size", 0)), max_seq_length=max_seq_length(source, config)
+            directory, hidden_size=int(config.get("hidden_size", 0)), max_seq_length=seq_length
         )

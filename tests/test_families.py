@@ -209,3 +209,34 @@ def test_mix_models_with_data_decoder_without_pad_token(make_models, tmp_path):
     expected = _expected_fp32_sum(paths, result.weights, torch.float32)
     assert_same_tensors(torch.load(out / "pytorch_model.bin", weights_only=True), expected)
     assert (out / "generation_config.json").is_file()
+
+
+def test_new_sentence_transformers_layout_is_written_back_in_the_old_one(minilm_path, tmp_path):
+    """A first model saved by sentence-transformers >= 5.4 still gives a folder every release loads."""
+    from sentence_transformers import SentenceTransformer
+
+    source = tmp_path / "minilm-new-layout"
+    shutil.copytree(minilm_path, source)
+    (source / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.base.modules.normalize.Normalize"},
+    ]))
+    (source / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"embedding_dimension": 384, "pooling_mode": "mean", "include_prompt": True}))
+    (source / "sentence_bert_config.json").write_text(json.dumps(
+        {"transformer_task": "feature-extraction", "module_output_name": "token_embeddings"}))
+    out = tmp_path / "merged"
+    merge([source, minilm_path], "encoder", out, weights=[0.5, 0.5], save_format="bin")
+    modules = json.loads((out / "modules.json").read_text())
+    assert [m["type"] for m in modules] == ["sentence_transformers.models.Transformer",
+                                             "sentence_transformers.models.Pooling",
+                                             "sentence_transformers.models.Normalize"]
+    pooling = json.loads((out / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] is True and pooling["pooling_mode_cls_token"] is False
+    assert json.loads((out / "sentence_bert_config.json").read_text()) == {"max_seq_length": 512, "do_lower_case": False}
+    texts = ["merging keeps general ability"]
+    base = SentenceTransformer(str(minilm_path), device="cpu").encode(texts, convert_to_tensor=True)
+    merged = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(merged, base, rtol=1e-5, atol=1e-6)
