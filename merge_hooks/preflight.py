@@ -12,6 +12,7 @@ from typing import Optional
 
 from .checkpoint import Checkpoint
 from .errors import MergeHooksError
+from .heads import check_heads
 from .units import format_size
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def check_remote_code(models: list[InputModel], *, trust_remote_code: bool) -> N
             )
 
 
-def _prefix_map(base: set[str], other: set[str]) -> Optional[dict[str, str]]:
+def prefix_map(base: set[str], other: set[str]) -> Optional[dict[str, str]]:
     """Map base names onto other names when they differ by one leading module prefix (``bert.``).
 
     That is how the same weights look when saved from ``BertModel`` and from ``BertForMaskedLM``;
@@ -115,7 +116,7 @@ def check_same_architecture(models: list[InputModel]) -> None:
                 )
         base, other = set(first.checkpoint.specs), set(model.checkpoint.specs)
         if base != other:
-            mapping = _prefix_map(base, other)
+            mapping = prefix_map(base, other)
             if mapping is None:
                 missing = sorted(base - other)
                 name = missing[0] if missing else sorted(other - base)[0]
@@ -134,14 +135,20 @@ def check_same_architecture(models: list[InputModel]) -> None:
 
 
 def load_inputs(specs: list[str], *, trust_remote_code: bool) -> list[InputModel]:
-    """Resolve, read and cross-check every input model; nothing heavy is loaded."""
+    """Resolve, read and cross-check every input model (tensors and bge-m3 heads); nothing heavy is loaded."""
     models = []
     for spec in specs:
         path = resolve_model_path(spec)
         config = read_config(path, spec)
         models.append(InputModel(spec=spec, path=path, config=config, checkpoint=Checkpoint(path)))
-    check_remote_code(models, trust_remote_code=trust_remote_code)
-    check_same_architecture(models)
+    try:
+        check_remote_code(models, trust_remote_code=trust_remote_code)
+        check_same_architecture(models)
+        check_heads(models)
+    except BaseException:
+        for model in models:
+            model.checkpoint.close()
+        raise
     return models
 
 
