@@ -1,6 +1,7 @@
 """The ``merge-hooks`` command line.
 
 User errors print one line, ``error: ...``, and exit with status 2; nothing is written.
+``verify`` exits with status 1 when the folder fails a check.
 Importing this module does not import torch: ``--help`` and ``formats`` stay fast.
 """
 
@@ -17,6 +18,7 @@ from .errors import MergeHooksError
 from .units import format_size
 
 EXIT_USER_ERROR = 2
+EXIT_CHECK_FAILED = 1
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 
 
@@ -51,12 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-o", "--output", type=Path, help="output folder")
     merge.add_argument("--engine", choices=("auto", "stream", "cocktail"), help="auto (default), stream or cocktail")
     merge.add_argument("--trust-remote-code", action="store_true", default=None, help="allow models with custom code")
+    merge.add_argument("--verify", action="store_true",
+                       help="check the written folder (complete, loads) before it replaces anything")
     _output_flags(merge)
 
     convert = commands.add_parser("convert", help="re-save a model folder in another format or dtype")
     convert.add_argument("src", type=Path, help="model folder to read")
     convert.add_argument("dst", type=Path, help="folder to write")
     _output_flags(convert)
+
+    verify = commands.add_parser(
+        "verify",
+        help="check that a model folder is complete and loads (and matches its recipe)",
+        description="Check a model folder: weights and index complete and readable, manifest hashes, loads with "
+        "transformers, sentence-transformers and FlagEmbedding where they apply. Exit status 0 when all "
+        "holds, 1 when something failed.",
+    )
+    verify.add_argument("folder", type=Path, help="model folder to check")
+    verify.add_argument("--against", type=Path, metavar="RECIPE",
+                        help="also recompute a sample of tensors from this recipe's input models and compare them bit for bit")
+    verify.add_argument("--trust-remote-code", action="store_true", help="let transformers run the folder's custom code")
 
     commands.add_parser("formats", help="list the registered output formats")
 
@@ -117,10 +133,18 @@ def _run(args: argparse.Namespace) -> int:
         from .pipeline import run_recipe
 
         recipe = _recipe_from_args(args)
-        result = run_recipe(recipe, overwrite=args.overwrite, quiet=args.quiet)
+        result = run_recipe(recipe, overwrite=args.overwrite, quiet=args.quiet, verify=args.verify)
         if not args.quiet:
-            print(_summary(result, verb="wrote"))
+            print(_summary(result, verb="wrote" if not args.verify else "wrote and verified"))
         return 0
+    if args.command == "verify":
+        from .recipe import load_recipe
+        from .verify import verify_folder
+
+        recipe = load_recipe(args.against) if args.against is not None else None
+        report = verify_folder(args.folder, against=recipe, trust_remote_code=args.trust_remote_code)
+        print(report.render())
+        return 0 if report.ok else EXIT_CHECK_FAILED
     if args.command == "convert":
         from .convert import convert
 

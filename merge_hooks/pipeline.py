@@ -1,4 +1,8 @@
-"""One merge from recipe to committed folder: preflight -> engine -> output format -> sidecars -> commit."""
+"""One merge from recipe to committed folder.
+
+preflight -> engine -> output format -> sidecars and bge-m3 heads -> provenance (card, recipe, manifest)
+-> optional verification -> commit.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .card import MergeInfo, hash_files, write_manifest, write_provenance
 from .engines import EngineResult, output_dtype
 from .errors import MergeHooksError
 from .formats import WriteOptions, get_format
+from .heads import heads_present, merge_heads, write_heads
 from .preflight import InputModel, check_disk_space, check_output, load_inputs
 from .progress import byte_progress
 from .recipe import Recipe
@@ -114,14 +120,28 @@ def _merge(recipe: Recipe, models: list[InputModel], engine: str, examples: Opti
     return stream_merge(models, weights, dtype=dtype)
 
 
+def _verify_staging(staging: Path, *, trust_remote_code: bool) -> None:
+    """Check the staged folder before it is committed; its manifest was just written from the same bytes."""
+    from .verify import verify_folder
+
+    report = verify_folder(staging, hashes=False, trust_remote_code=trust_remote_code)
+    if report.problems:
+        raise MergeHooksError(
+            "the merged output failed verification, nothing was written: " + "; ".join(report.problems)
+        )
+
+
 def _dtype_name(dtype) -> Optional[str]:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
-def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False) -> MergeResult:
+def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, verify: bool = False) -> MergeResult:
     """Run a whole merge and write the result atomically to ``recipe.output.path``.
 
-    All checks run before any model is merged; on any error nothing is written.
+    All checks run before any model is merged; on any error nothing is written. With ``verify``, the
+    written folder is checked (complete, loads with transformers and the other loaders that apply, see
+    :func:`merge_hooks.verify.verify_folder`) before it replaces anything; a failed check is a
+    :class:`MergeHooksError` and nothing is written.
 
     Example:
         >>> result = run_recipe(load_recipe("configs/encoder-mix_models.yaml"), overwrite=True)
@@ -144,14 +164,29 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False) 
             for s in first.checkpoint.specs.values()
         )
         check_disk_space(target.parent, estimate * fmt.size_factor + SIDECAR_ALLOWANCE)
+        m3_heads = bool(heads_present(first.path))  # preflight made sure every model has them, or none
 
         engine = choose_engine(recipe, models)
         logger.info("merging %d models with the %s engine", len(models), engine)
         result = _merge(recipe, models, engine, examples, dtype)
         try:
+            # LM_Cocktail never merges bge-m3's heads, whichever engine ran.
+            heads = merge_heads([m.path for m in models], result.weights, dtype=result.dtype) if m3_heads else None
+            info = MergeInfo(
+                model_type=recipe.model_type,
+                method=recipe.method,
+                engine=result.engine,
+                models=[m.spec for m in models],
+                weights=list(result.weights),
+                save_format=fmt.name,
+                dtype=_dtype_name(result.dtype),
+                m3_heads=m3_heads,
+            )
             with staged_output(target) as staging:
                 with byte_progress(result.source.total_bytes * fmt.size_factor, "writing", quiet=quiet) as advance:
-                    fmt.write(result.source, staging, WriteOptions(recipe.output.max_shard_bytes, progress=advance))
+                    written = fmt.write(result.source, staging, WriteOptions(recipe.output.max_shard_bytes, progress=advance))
+                # Hashed now, while the bytes just written are still in the page cache.
+                hashed = hash_files(written, root=staging)
                 write_sidecars(
                     first.path,
                     staging,
@@ -160,6 +195,12 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False) 
                     dtype_name=_dtype_name(result.dtype),
                     architectures=result.architectures,
                 )
+                if heads is not None:
+                    write_heads(staging, heads)
+                write_provenance(staging, info, recipe, location=str(target))
+                write_manifest(staging, hashed=hashed)
+                if verify:
+                    _verify_staging(staging, trust_remote_code=recipe.trust_remote_code)
         finally:
             result.close()
     finally:
