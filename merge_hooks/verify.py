@@ -305,16 +305,17 @@ def _check_heads(folder: Path, config: Optional[dict], report: VerifyReport) -> 
             report.problems.append(str(exc))
             ok = False
             continue
-        weight, bias = head.get("weight"), head.get("bias")
-        out = 1 if name == SPARSE_FILE else (weight.shape[0] if weight is not None and weight.dim() == 2 else None)
-        if weight is None or bias is None or set(head) != {"weight", "bias"}:
+        if set(head) != {"weight", "bias"}:
             report.problems.append(f"{name} holds {sorted(head)}, not the weight and bias of a Linear layer")
             ok = False
-        elif weight.dim() != 2 or (hidden is not None and weight.shape[1] != hidden) or weight.shape[0] != out \
-                or tuple(bias.shape) != (out,):
+            continue
+        weight, bias = head["weight"], head["bias"]
+        # The sparse head maps hidden -> 1; the ColBERT head hidden -> colbert_dim (hidden unless set).
+        rows = 1 if name == SPARSE_FILE else (weight.shape[0] if weight.dim() == 2 else -1)
+        if tuple(weight.shape) != (rows, hidden or weight.shape[-1]) or tuple(bias.shape) != (rows,):
             report.problems.append(
-                f"{name} has weight {list(weight.shape)} and bias {list(bias.shape)}; "
-                f"expected [{out}, {hidden}] and [{out}] for hidden_size {hidden}"
+                f"{name} has weight {list(weight.shape)} and bias {list(bias.shape)}; expected "
+                f"[{rows if rows > 0 else 'n'}, {hidden}] and [{rows if rows > 0 else 'n'}] for hidden_size {hidden}"
             )
             ok = False
     if ok:

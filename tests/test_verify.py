@@ -215,6 +215,18 @@ def test_one_head_missing(broken, capsys):
     assert "colbert_linear.pt is present but sparse_linear.pt is missing" in out
 
 
+def test_head_of_the_wrong_shape(broken, capsys):
+    import torch
+
+    folder = broken("m3-sharded-bin")
+    listed = json.loads((folder / "merge_manifest.json").read_text())["files"]["colbert_linear.pt"]
+    torch.save(torch.nn.Linear(16, 32).state_dict(), folder / "colbert_linear.pt")
+    code, out = verify(capsys, folder)
+    assert code == 1
+    assert "colbert_linear.pt has weight [32, 16] and bias [32]; expected [32, 32] and [32] for hidden_size 32" in out
+    assert f"merge_manifest.json says {listed['size']}" in out or "colbert_linear.pt does not match its sha256" in out
+
+
 def test_missing_folder_is_a_user_error(tmp_path, capsys):
     code = run_cli("verify", tmp_path / "nope")
     assert code == 2
