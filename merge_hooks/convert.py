@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
+from .card import INFO_NAME, MANIFEST_NAME, write_manifest
 from .checkpoint import Checkpoint, is_weight_file
 from .engines import output_dtype
 from .errors import MergeHooksError
@@ -20,6 +22,17 @@ from .tensors import TensorSource, TensorSpec
 from .units import parse_size
 
 logger = logging.getLogger(__name__)
+
+
+def _refresh_provenance(directory: Path, *, save_format: str, dtype_name: Optional[str]) -> None:
+    """A converted merge output keeps its card, but its merge info and manifest must describe the new files."""
+    info_path = directory / INFO_NAME
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        info.update(save_format=save_format, dtype=dtype_name)
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+    if (directory / MANIFEST_NAME).is_file():
+        write_manifest(directory)
 
 
 def convert(
@@ -68,6 +81,7 @@ def convert(
                     shutil.copy2(entry, staging / entry.name)
             dtype_name = str(out).removeprefix("torch.") if out is not None else None
             write_config(source_dir, staging, dtype_name=dtype_name)
+            _refresh_provenance(staging, save_format=fmt.name, dtype_name=dtype_name)
     files = sorted((str(p.relative_to(target)), p.stat().st_size) for p in target.rglob("*") if p.is_file())
     return MergeResult(output=target, files=files, weights=[], engine="convert", save_format=fmt.name,
                        dtype=dtype_name)

@@ -272,3 +272,17 @@ def test_help_and_formats_do_not_import_torch():
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_convert_a_merged_folder_keeps_it_verifiable(encoders, tmp_path, capsys):
+    merged, converted = tmp_path / "merged", tmp_path / "converted"
+    assert run_cli("merge", "--model-type", "encoder", "--models", *encoders, "--weights", "0.5", "0.5",
+                   "-o", merged, "-q") == 0
+    assert run_cli("convert", merged, converted, "--save-format", "bin", "--dtype", "float16", "-q") == 0
+    assert weight_files(converted) == ["pytorch_model.bin"]
+    info = json.loads((converted / "merge_info.json").read_text())
+    assert info["save_format"] == "bin" and info["dtype"] == "float16"
+    manifest = json.loads((converted / "merge_manifest.json").read_text())
+    assert "pytorch_model.bin" in json.dumps(manifest) and "model.safetensors" not in json.dumps(manifest)
+    capsys.readouterr()
+    assert run_cli("verify", converted) == 0, capsys.readouterr().out
