@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import json
@@ -23,9 +22,10 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from merge_hooks.errors import MergeHooksError
+from merge_hooks.progress import loader_progress_bars
 from merge_hooks.units import format_size
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ def run_demo(workdir: Path, *, quiet: bool = False) -> str:
     base_entry, variant_entry = recipe.models
 
     # Every model load (training, merge, evaluation) shows a transformers bar on transformers 5.
-    with _progress_bars(enabled=not quiet):
+    with loader_progress_bars(enabled=not quiet):
         variant = _cached_variant(base, workdir / "variant", pairs=by_split["train"])
         recipe = recipe.model_copy(
             update={
@@ -299,18 +299,3 @@ def _variant_stamp(base: Path, pairs: Sequence[Pair]) -> str:
         "pairs": [asdict(p) for p in pairs],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest() + "\n"
-
-
-@contextlib.contextmanager
-def _progress_bars(*, enabled: bool) -> Iterator[None]:
-    """Switch transformers' loading bars (transformers 5 shows one per model load) for a block."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()

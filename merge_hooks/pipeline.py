@@ -18,7 +18,7 @@ from .errors import MergeHooksError
 from .formats import WriteOptions, get_format
 from .heads import heads_present, merge_heads, write_heads
 from .preflight import InputModel, check_disk_space, check_output, load_inputs
-from .progress import byte_progress
+from .progress import byte_progress, loader_progress_bars
 from .recipe import Recipe
 from .sidecar import write_sidecars
 from .staging import staged_output
@@ -168,7 +168,10 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
 
         engine = choose_engine(recipe, models)
         logger.info("merging %d models with the %s engine", len(models), engine)
-        result = _merge(recipe, models, engine, examples, dtype)
+        # Only LM_Cocktail and the example scoring load models through transformers.
+        loads_models = engine == "cocktail" or examples is not None
+        with loader_progress_bars(enabled=not (quiet and loads_models)):
+            result = _merge(recipe, models, engine, examples, dtype)
         try:
             # LM_Cocktail never merges bge-m3's heads, whichever engine ran.
             heads = merge_heads([m.path for m in models], result.weights, dtype=result.dtype) if m3_heads else None

@@ -21,12 +21,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .card import MANIFEST_NAME, MergeInfo, folder_files, read_manifest, sha256_file
 from .checkpoint import BIN_NAME, SAFETENSORS_NAME, Checkpoint
 from .errors import MergeHooksError
 from .heads import COLBERT_FILE, HEAD_FILES, SPARSE_FILE, heads_present, load_head
+from .progress import loader_progress_bars
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +98,7 @@ def verify_folder(
         if not (weights_ok and config is not None):
             report.notes.append("loaders not tried: the weights or config.json are broken")
         else:
-            with _no_progress_bars():
+            with loader_progress_bars(enabled=False):
                 _check_transformers(folder, config, report, trust_remote_code=trust_remote_code)
                 if (folder / "modules.json").is_file():
                     _check_sentence_transformers(folder, report, trust_remote_code=trust_remote_code)
@@ -217,8 +218,6 @@ def _read_layout(
     reference: Optional[Checkpoint] = None,
 ) -> dict[str, "TensorSpec"]:
     """Read every tensor of every file, checking each file against its index; compare with ``reference``."""
-    import torch
-
     specs: dict[str, "TensorSpec"] = {}
     for filename, indexed in files.items():
         try:
@@ -339,20 +338,6 @@ def auto_class_name(config: dict) -> str:
     if architecture.endswith("ForCausalLM"):
         return "AutoModelForCausalLM"
     return "AutoModel"
-
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Loading progress bars (transformers 5 draws one per load) would bury the report."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _check_transformers(folder: Path, config: dict, report: VerifyReport, *, trust_remote_code: bool) -> None:

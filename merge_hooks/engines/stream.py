@@ -7,11 +7,14 @@ its weighted copy), whatever the number and size of the models. Nothing here imp
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..preflight import InputModel
 from ..tensors import TensorSource, TensorSpec
 from . import EngineResult, accumulate
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
