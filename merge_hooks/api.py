@@ -30,7 +30,7 @@ def _run(recipe: Recipe, *, overwrite: bool, quiet: bool):
     if recipe.output.path is not None:
         return run_recipe(recipe, overwrite=overwrite, quiet=quiet).model
     from .engines.cocktail import run_cocktail
-    from .pipeline import load_examples
+    from .pipeline import cocktail_options, load_examples
     from .preflight import load_inputs
 
     models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code)
@@ -40,15 +40,7 @@ def _run(recipe: Recipe, *, overwrite: bool, quiet: bool):
     if recipe.examples is not None:
         examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)
     merged, _weights = run_cocktail(
-        recipe.method,
-        [str(m.path) for m in models],
-        recipe.model_type,
-        weights=None if examples is not None else recipe.weights,
-        examples=examples,
-        temperature=recipe.temperature,
-        batch_size=recipe.batch_size,
-        max_input_length=recipe.max_input_length,
-        neg_number=recipe.neg_number,
+        recipe.method, [str(m.path) for m in models], recipe.model_type, **cocktail_options(recipe, examples)
     )
     return merged
 

@@ -73,6 +73,18 @@ def load_examples(path: Path, model_type: str, *, neg_number: int) -> list[dict]
     return examples
 
 
+def cocktail_options(recipe: Recipe, examples: Optional[list[dict]]) -> dict[str, Any]:
+    """The keyword arguments of :func:`~merge_hooks.engines.cocktail.run_cocktail` for this recipe."""
+    return {
+        "weights": None if examples is not None else recipe.weights,
+        "examples": examples,
+        "temperature": recipe.temperature,
+        "batch_size": recipe.batch_size,
+        "max_input_length": recipe.max_input_length,
+        "neg_number": recipe.neg_number,
+    }
+
+
 def choose_engine(recipe: Recipe, models: list[InputModel]) -> str:
     """``auto`` streams unless a model brings custom code, whose weights only its own classes know."""
     if recipe.engine != "auto":
@@ -88,16 +100,7 @@ def _merge(recipe: Recipe, models: list[InputModel], engine: str, examples: Opti
         from .engines.cocktail import cocktail_merge
 
         return cocktail_merge(
-            recipe.method,
-            [str(p) for p in paths],
-            recipe.model_type,
-            dtype=dtype,
-            weights=None if examples is not None else recipe.weights,
-            examples=examples,
-            temperature=recipe.temperature,
-            batch_size=recipe.batch_size,
-            max_input_length=recipe.max_input_length,
-            neg_number=recipe.neg_number,
+            recipe.method, [str(p) for p in paths], recipe.model_type, dtype=dtype, **cocktail_options(recipe, examples)
         )
     from .engines.stream import stream_merge
 
