@@ -101,9 +101,9 @@ class Checkpoint:
         if reader is not None:
             reader.close()
 
-    def get(self, name: str) -> "torch.Tensor":
-        """The tensor called ``name``, as an owned CPU tensor."""
-        return self._reader(self._file_of[name]).get(name)
+    def get(self, name: str, *, out: Optional["torch.Tensor"] = None) -> "torch.Tensor":
+        """The tensor called ``name``, as an owned CPU tensor, or read into the buffer ``out``."""
+        return self._reader(self._file_of[name]).get(name, out=out)
 
     def __contains__(self, name: str) -> bool:
         return name in self.specs

@@ -159,24 +159,30 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self._specs)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read tensor ``name`` into a new, writable tensor that owns its memory."""
+    def get(self, name: str, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Read tensor ``name`` into a new, writable tensor that owns its memory, or into ``out``.
+
+        ``out`` must be a contiguous tensor of the tensor's dtype and shape (a reused buffer).
+        """
         try:
             spec = self._specs[name]
         except KeyError:
             raise KeyError(f"no tensor {name!r} in {self.path}") from None
         start, end = self._ranges[name]
+        if out is None:
+            out = torch.empty(spec.shape, dtype=spec.dtype)
+        elif out.dtype != spec.dtype or tuple(out.shape) != spec.shape or not out.is_contiguous():
+            raise ValueError(f"buffer for {name!r} must be a contiguous {spec.dtype} tensor of shape {list(spec.shape)}")
         # Hand-written because safetensors has no pread-based reader and safe_open mmaps the file.
-        buffer = torch.empty(end - start, dtype=torch.uint8)
-        view = memoryview(buffer.numpy())
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         done = 0
-        while done < len(view):
+        while done < end - start:
             self._file.seek(start + done)
             n = self._file.readinto(view[done:])
             if not n:
                 raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
             done += n
-        return buffer.view(spec.dtype).reshape(spec.shape)
+        return out
 
     def close(self) -> None:
         self._file.close()

@@ -231,8 +231,8 @@ class TorchReader:
     def keys(self) -> list[str]:
         return list(self._specs)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Copy tensor ``name`` into a new, contiguous tensor that owns its memory."""
+    def get(self, name: str, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Copy tensor ``name`` into a new, contiguous tensor that owns its memory, or into ``out``."""
         try:
             spec = self._specs[name]
         except KeyError:
@@ -244,9 +244,15 @@ class TorchReader:
         if self._tensors is None:
             self._tensors = self._load()
         # detach: files saved from nn.Parameters load as Parameters, whose clones would track gradients.
-        tensor = self._tensors[name].detach().clone(memory_format=torch.contiguous_format)
+        mapped = self._tensors[name].detach()
+        if out is None:
+            out = mapped.clone(memory_format=torch.contiguous_format)
+        elif out.dtype != spec.dtype or tuple(out.shape) != spec.shape:
+            raise ValueError(f"buffer for {name!r} must be a {spec.dtype} tensor of shape {list(spec.shape)}")
+        else:
+            out.copy_(mapped)
         self._read_bytes += spec.nbytes
-        return tensor
+        return out
 
     def close(self) -> None:
         self._tensors = None
