@@ -1,0 +1,163 @@
+"""The stream engine's peak memory follows the largest tensor, not the size of the models.
+
+Four models of 48 float32 tensors of 2 MiB (96 MiB each, 384 MiB in all) are merged by
+``python -m merge_hooks merge --engine stream`` in a child process. Its peak RSS, minus that of a
+process that only imports what the merge imports, must stay under 3 x 2 MiB + 48 MiB = 54 MiB:
+an engine that held even one whole model (96 MiB) could not fit. A control process that imports
+what a merge imports and then holds one model's tensors shows that the measurement would catch it.
+
+Why 2 MiB tensors: glibc serves allocations below its mmap threshold (which grows up to 32 MiB)
+from the heap, and an engine that allocates fresh tensors fragments it: with 8 MiB tensors such an
+engine peaked anywhere from 34 to 87 MiB above the baseline from run to run, which blurs a 96 MiB
+signal. With 2 MiB tensors every run stayed between 10 and 34 MiB, on both stacks, with fresh
+tensors and with reused buffers alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parent.parent
+N_MODELS = 4
+N_TENSORS = 48
+SHAPE = (512, 1024)
+TENSOR_BYTES = SHAPE[0] * SHAPE[1] * 4
+MODEL_BYTES = N_TENSORS * TENSOR_BYTES
+# At most three tensors (running sum, tensor read, its weighted copy) plus what the rest of the merge
+# (hashing, model card, sidecars) allocates: 10 to 34 MiB above the baseline in all, as measured.
+BOUND = 3 * TENSOR_BYTES + 48 * 2**20
+WEIGHTS = [0.4, 0.3, 0.2, 0.1]
+MiB = 2**20
+
+# Runs argv (a JSON list) and prints its peak RSS in KiB; exits with its status.
+MEASURE_CODE = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(json.loads(sys.argv[1]), stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+# Re-imports, in a fresh interpreter, every module the measured merge imported.
+IMPORT_CODE = """
+import importlib, sys
+for name in open(sys.argv[1]).read().split():
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+"""
+# The control: what a merge imports at least, then one whole model's tensors held at once.
+CONTROL_IMPORTS = "import merge_hooks.cli, merge_hooks.pipeline, torch, safetensors.torch\n"
+HOLD_CODE = CONTROL_IMPORTS + f"held = [torch.ones({SHAPE}) for _ in range({N_TENSORS})]\n"
+
+assert MODEL_BYTES > BOUND + 32 * MiB, "a whole model must overshoot the bound by a clear margin"
+
+
+def _tensor_value(seed: int, index: int) -> float:
+    return float(seed + 1) * 0.01 + index
+
+
+@pytest.fixture(scope="module")
+def big_models(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("memory-models")
+    paths = []
+    for seed in range(N_MODELS):
+        folder = root / f"model{seed}"
+        folder.mkdir()
+        tensors = {f"layer{i}.weight": torch.full(SHAPE, _tensor_value(seed, i)) for i in range(N_TENSORS)}
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+        paths.append(folder)
+    return paths
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def _run_measured(argv: list[str]) -> tuple[int, str]:
+    """Peak RSS in bytes of one child process, and its stderr.
+
+    A lean helper process starts the child and reads its ``ru_maxrss`` with ``os.wait4``: a child
+    forked straight from pytest would count pytest's own pages (resident before ``exec``) as its peak.
+    """
+    with tempfile.TemporaryFile() as stderr:
+        helper = subprocess.run(
+            [sys.executable, "-c", MEASURE_CODE, json.dumps(argv)],
+            env=_env(), stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )
+        stderr.seek(0)
+        text = stderr.read().decode(errors="replace")
+    assert helper.returncode == 0, f"{argv[:6]}... failed with exit status {helper.returncode}:\n{text[-3000:]}"
+    return int(helper.stdout) * 1024, text
+
+
+def _imported_modules(importtime_stderr: str) -> list[str]:
+    modules = []
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and "imported package" not in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "__main__" and not name.endswith(".__main__"):
+                modules.append(name)
+    return modules
+
+
+def _expected(name: str) -> torch.Tensor:
+    """LM_Cocktail's arithmetic: w1*p1, then += w2*p2, ..."""
+    index = int(name.removeprefix("layer").split(".")[0])
+    merged = None
+    for seed, weight in enumerate(WEIGHTS):
+        tensor = torch.full(SHAPE, _tensor_value(seed, index))
+        merged = weight * tensor if merged is None else merged.add_(weight * tensor)
+    return merged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("save_format", ["safetensors", "bin"])
+def test_stream_merge_memory_follows_the_largest_tensor(big_models, tmp_path, save_format):
+    output = tmp_path / "merged"
+    merged_rss, stderr = _run_measured([
+        sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge",
+        "--model-type", "encoder", "--models", *map(str, big_models), "--weights", *map(str, WEIGHTS),
+        "-o", str(output), "--engine", "stream", "--save-format", save_format, "-q",
+    ])
+    module_list = tmp_path / "modules.txt"
+    modules = _imported_modules(stderr)
+    assert "merge_hooks.pipeline" in modules and "torch" in modules
+    module_list.write_text("\n".join(modules))
+    baseline_rss, _ = _run_measured([sys.executable, "-c", IMPORT_CODE, str(module_list)])
+
+    used = merged_rss - baseline_rss
+    assert used < BOUND, (
+        f"the merge used {used / MiB:.0f} MiB above its import baseline ({baseline_rss / MiB:.0f} MiB), "
+        f"more than {BOUND / MiB:.0f} MiB; one input model is {MODEL_BYTES / MiB:.0f} MiB"
+    )
+
+    if save_format == "safetensors":
+        merged = load_file(str(output / "model.safetensors"))
+    else:
+        merged = torch.load(output / "pytorch_model.bin", weights_only=True)
+    assert sorted(merged) == sorted(f"layer{i}.weight" for i in range(N_TENSORS))
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, _expected(name)), name
+
+
+@pytest.mark.slow
+def test_memory_measurement_sees_one_whole_model():
+    """The control: holding one model's tensors after the same imports must break the bound."""
+    baseline_rss, _ = _run_measured([sys.executable, "-c", CONTROL_IMPORTS])
+    held_rss, _ = _run_measured([sys.executable, "-c", HOLD_CODE])
+    used = held_rss - baseline_rss
+    assert used > BOUND, f"holding {MODEL_BYTES / MiB:.0f} MiB measured as {used / MiB:.0f} MiB, under the bound"
