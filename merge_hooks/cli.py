@@ -8,6 +8,7 @@ Importing this module does not import torch: ``--help`` and ``formats`` stay fas
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -173,6 +174,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # A merge or convert is one short run: cyclic collection only costs it time (during torch's import,
+    # and a full pass over every object at exit). Code that builds large object graphs (LM_Cocktail,
+    # transformers models) turns it back on with collecting_garbage().
+    collecting = gc.isenabled()
+    if args.command in ("merge", "convert"):
+        gc.disable()
     try:
         code = _run(args)
     except MergeHooksError as exc:
@@ -181,4 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         code = 130
+    finally:
+        if collecting:
+            gc.enable()
+    gc.freeze()  # what is alive now lives until exit: spare it the final collection
     sys.exit(code)

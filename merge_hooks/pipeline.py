@@ -105,18 +105,20 @@ def _merge(recipe: Recipe, models: list[InputModel], engine: str, examples: Opti
     from .engines.stream import stream_merge
 
     if examples is not None:
+        from .engines import collecting_garbage
         from .engines.weights import compute_weights
 
-        weights = compute_weights(
-            paths,
-            recipe.model_type,
-            examples,
-            temperature=recipe.temperature,
-            batch_size=recipe.batch_size,
-            max_input_length=recipe.max_input_length,
-            neg_number=recipe.neg_number,
-            trust_remote_code=recipe.trust_remote_code,
-        )
+        with collecting_garbage():
+            weights = compute_weights(
+                paths,
+                recipe.model_type,
+                examples,
+                temperature=recipe.temperature,
+                batch_size=recipe.batch_size,
+                max_input_length=recipe.max_input_length,
+                neg_number=recipe.neg_number,
+                trust_remote_code=recipe.trust_remote_code,
+            )
         logger.info("weights from the examples: %s", ", ".join(f"{w:.6f}" for w in weights))
     else:
         weights = recipe.weights

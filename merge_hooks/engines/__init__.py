@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 if TYPE_CHECKING:
     import torch
@@ -53,3 +55,22 @@ def accumulate(acc: Optional["torch.Tensor"], weight: float, tensor: "torch.Tens
         return weight * tensor
     acc += weight * tensor
     return acc
+
+
+@contextlib.contextmanager
+def collecting_garbage() -> Iterator[None]:
+    """Cyclic garbage collection on, for code that builds large object graphs (transformers models).
+
+    The command line turns collection off for its short run; LM_Cocktail and model loading need it.
+    Objects alive before the block are frozen out of it: LM_Cocktail's ``mix_models_by_layers`` calls
+    ``gc.collect()`` once per tensor per model, and each collect then stays cheap (minutes -> seconds).
+    """
+    was_enabled = gc.isenabled()
+    gc.enable()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if not was_enabled:
+            gc.disable()

@@ -7,14 +7,13 @@ Its ``print`` output is routed to logging.
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import logging
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ..errors import MergeHooksError
 from ..tensors import TensorSource, TensorSpec
-from . import EngineResult
+from . import EngineResult, collecting_garbage
 
 if TYPE_CHECKING:
     import torch
@@ -51,14 +50,6 @@ def _printed_weights(lines: list[str], model_paths: list[str]) -> Optional[list[
     return None
 
 
-@contextlib.contextmanager
-def _unfreeze_after() -> Iterator[None]:
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def run_cocktail(
     method: str,
     model_paths: list[str],
@@ -80,10 +71,7 @@ def run_cocktail(
     import LM_Cocktail
 
     log = _LogStream()
-    # mix_models_by_layers runs gc.collect() once per tensor per model; with the objects that exist
-    # before the merge frozen out of collection, each collect is cheap (minutes -> seconds).
-    gc.freeze()
-    with contextlib.redirect_stdout(log), _unfreeze_after():
+    with contextlib.redirect_stdout(log), collecting_garbage():
         if method == "mix_models":
             model = LM_Cocktail.mix_models(model_paths, model_type, weights, output_path=None)
         elif method == "mix_models_by_layers":
