@@ -171,6 +171,7 @@ def save(
 
     from .engines.cocktail import model_source
     from .formats import WriteOptions, get_format
+    from .pipeline import folder_listing
     from .preflight import check_disk_space, check_output
     from .progress import byte_progress
     from .recipe import OutputOptions
@@ -215,4 +216,4 @@ def save(
                 hidden_size=int(config.get("hidden_size", 0)),
                 max_seq_length=max_seq_length(source_dir, config) if source_dir else int(config.get("max_position_embeddings", 512)),
             )
-    return sorted((str(p.relative_to(target)), p.stat().st_size) for p in target.rglob("*") if p.is_file())
+    return folder_listing(target)

@@ -10,10 +10,10 @@ from typing import Optional, Union
 
 from .card import INFO_NAME, MANIFEST_NAME, write_manifest
 from .checkpoint import Checkpoint, is_weight_file
-from .engines import output_dtype
+from .engines import output_dtype, written_dtype
 from .errors import MergeHooksError
 from .formats import WriteOptions, get_format
-from .pipeline import MergeResult
+from .pipeline import MergeResult, folder_listing
 from .preflight import check_disk_space, check_output, read_config, resolve_model_path
 from .progress import byte_progress
 from .sidecar import write_config
@@ -62,10 +62,7 @@ def convert(
     target = check_output(Path(dst), overwrite=overwrite, inputs=(source_dir,))
     with Checkpoint(source_dir) as checkpoint:
         out = output_dtype(dtype, checkpoint.dtype)
-        specs = [
-            TensorSpec(s.name, out if (out is not None and s.dtype.is_floating_point) else s.dtype, s.shape)
-            for s in checkpoint.specs.values()
-        ]
+        specs = [TensorSpec(s.name, written_dtype(s.dtype, out), s.shape) for s in checkpoint.specs.values()]
         out_dtypes = {s.name: s.dtype for s in specs}
         tensors = TensorSource(specs=specs, get=lambda name: checkpoint.get(name).to(out_dtypes[name]))
         check_disk_space(target.parent, tensors.total_bytes * fmt.size_factor)
@@ -82,6 +79,6 @@ def convert(
             dtype_name = str(out).removeprefix("torch.") if out is not None else None
             write_config(source_dir, staging, dtype_name=dtype_name)
             _refresh_provenance(staging, save_format=fmt.name, dtype_name=dtype_name)
-    files = sorted((str(p.relative_to(target)), p.stat().st_size) for p in target.rglob("*") if p.is_file())
+    files = folder_listing(target)
     return MergeResult(output=target, files=files, weights=[], engine="convert", save_format=fmt.name,
                        dtype=dtype_name)

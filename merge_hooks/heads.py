@@ -101,7 +101,7 @@ def merge_heads(folders: Sequence[Path], weights: Sequence[float], *, dtype: Opt
         >>> heads["colbert_linear.pt"]["weight"].shape
         torch.Size([1024, 1024])
     """
-    from .engines import accumulate
+    from .engines import accumulate, written_dtype
 
     if len(weights) != len(folders):
         raise MergeHooksError(
@@ -114,7 +114,7 @@ def merge_heads(folders: Sequence[Path], weights: Sequence[float], *, dtype: Opt
         for weight, folder in zip(weights, folders):
             for key, tensor in load_head(Path(folder) / name).items():
                 if key not in out_dtypes:
-                    out_dtypes[key] = dtype if (dtype is not None and tensor.dtype.is_floating_point) else tensor.dtype
+                    out_dtypes[key] = written_dtype(tensor.dtype, dtype)
                 sums[key] = accumulate(sums.get(key), weight, tensor)
         merged[name] = {key: tensor.to(out_dtypes[key]).contiguous() for key, tensor in sums.items()}
     return merged

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .card import MergeInfo, hash_files, write_manifest, write_provenance
-from .engines import EngineResult, output_dtype
+from .engines import EngineResult, output_dtype, written_dtype
 from .errors import MergeHooksError
 from .formats import WriteOptions, get_format
 from .heads import heads_present, merge_heads, write_heads
@@ -44,6 +44,11 @@ class MergeResult:
     @property
     def total_bytes(self) -> int:
         return sum(size for _, size in self.files)
+
+
+def folder_listing(folder: Path) -> list[tuple[str, int]]:
+    """Every file under ``folder`` as (relative name, size in bytes), sorted."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
 
 def load_examples(path: Path, model_type: str, *, neg_number: int) -> list[dict]:
@@ -163,11 +168,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
             examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)
         first = models[0]
         dtype = output_dtype(recipe.output.dtype, first.checkpoint.dtype)
-        itemsize = dtype.itemsize if dtype is not None else None
-        estimate = sum(
-            s.numel * (itemsize if (itemsize and s.dtype.is_floating_point) else s.dtype.itemsize)
-            for s in first.checkpoint.specs.values()
-        )
+        estimate = sum(s.numel * written_dtype(s.dtype, dtype).itemsize for s in first.checkpoint.specs.values())
         check_disk_space(target.parent, estimate * fmt.size_factor + SIDECAR_ALLOWANCE)
         m3_heads = bool(heads_present(first.path))  # preflight made sure every model has them, or none
 
@@ -214,7 +215,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
     finally:
         for model in models:
             model.checkpoint.close()
-    files = sorted((str(p.relative_to(target)), p.stat().st_size) for p in target.rglob("*") if p.is_file())
+    files = folder_listing(target)
     return MergeResult(
         output=target,
         files=files,

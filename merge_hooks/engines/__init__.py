@@ -39,6 +39,11 @@ def output_dtype(option: str, first_checkpoint_dtype: Optional["torch.dtype"]) -
     return getattr(torch, option)
 
 
+def written_dtype(stored: "torch.dtype", target: Optional["torch.dtype"]) -> "torch.dtype":
+    """The dtype a tensor stored as ``stored`` is written in: ``target`` for floating tensors, else unchanged."""
+    return target if (target is not None and stored.is_floating_point) else stored
+
+
 def accumulate(acc: Optional["torch.Tensor"], weight: float, tensor: "torch.Tensor") -> "torch.Tensor":
     """One step of LM_Cocktail's ``merge_param``: ``w1*p1``, then ``+= w2*p2``, in that order.
 

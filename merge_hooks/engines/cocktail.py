@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ..errors import MergeHooksError
 from ..tensors import TensorSource, TensorSpec
-from . import EngineResult, collecting_garbage
+from . import EngineResult, collecting_garbage, written_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +115,7 @@ def model_source(model: Any, *, dtype: Optional["torch.dtype"]) -> TensorSource:
     state_dict = deduplicate_shared(model.state_dict(), drop=tied_names(model))
 
     def out_dtype(tensor) -> "torch.dtype":
-        return dtype if (dtype is not None and tensor.dtype.is_floating_point) else tensor.dtype
+        return written_dtype(tensor.dtype, dtype)
 
     specs = [TensorSpec(name, out_dtype(t), tuple(t.shape)) for name, t in state_dict.items()]
 

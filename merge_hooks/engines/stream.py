@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..preflight import InputModel
 from ..tensors import TensorSource, TensorSpec
-from . import EngineResult
+from . import EngineResult, written_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -62,10 +62,7 @@ def stream_merge(models: list[InputModel], weights: list[float], *, dtype: Optio
     import torch
 
     first = models[0].checkpoint
-    out_dtypes = {
-        name: dtype if (dtype is not None and spec.dtype.is_floating_point) else spec.dtype
-        for name, spec in first.specs.items()
-    }
+    out_dtypes = {name: written_dtype(spec.dtype, dtype) for name, spec in first.specs.items()}
     specs = [TensorSpec(name, out_dtypes[name], spec.shape) for name, spec in first.specs.items()]
     buffers = _Buffers()
 
