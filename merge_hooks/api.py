@@ -167,8 +167,7 @@ def save(
     """
     import json
 
-    import torch
-
+    from . import dtypes
     from .engines.cocktail import model_source
     from .formats import WriteOptions, get_format
     from .pipeline import folder_listing
@@ -189,7 +188,7 @@ def save(
         raise MergeHooksError(str(exc)) from None
     fmt = get_format(save_format)
     target = check_output(options.path, overwrite=overwrite)
-    out_dtype = model.dtype if dtype == "keep" else getattr(torch, dtype)
+    out_dtype = dtypes.of(model.dtype if dtype == "keep" else dtype)
     tensors = model_source(model, dtype=out_dtype)
     check_disk_space(target.parent, tensors.total_bytes * fmt.size_factor)
     source_dir = Path(source) if source is not None else None
@@ -197,7 +196,7 @@ def save(
         with byte_progress(tensors.total_bytes * fmt.size_factor, "writing", quiet=quiet) as advance:
             fmt.write(tensors, staging, WriteOptions(options.max_shard_bytes, progress=advance))
         config = model.config.to_dict()
-        dtype_name = str(out_dtype).removeprefix("torch.")
+        dtype_name = out_dtype.name
         for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
             config[key] = dtype_name
         config["architectures"] = [type(model).__name__]

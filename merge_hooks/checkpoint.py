@@ -7,10 +7,12 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
+from .dtypes import DType
 from .errors import MergeHooksError
 from .tensors import TensorSpec
 
 if TYPE_CHECKING:
+    import numpy
     import torch
 
 # In the order transformers prefers them when a folder holds several.
@@ -105,6 +107,12 @@ class Checkpoint:
         """The tensor called ``name``, as an owned CPU tensor, or read into the buffer ``out``."""
         return self._reader(self._file_of[name]).get(name, out=out)
 
+    def get_array(self, name: str, *, out: Optional["numpy.ndarray"] = None) -> "numpy.ndarray":
+        """The tensor called ``name`` as a numpy array (in its dtype's ``storage``); safetensors only."""
+        if self.format != "safetensors":
+            raise TypeError(f"{self.folder} holds {self.format} weights, which are read as torch tensors only")
+        return self._reader(self._file_of[name]).get_array(name, out=out)
+
     def __contains__(self, name: str) -> bool:
         return name in self.specs
 
@@ -116,7 +124,7 @@ class Checkpoint:
         return sum(s.nbytes for s in self.specs.values())
 
     @property
-    def dtype(self) -> Optional["torch.dtype"]:
+    def dtype(self) -> Optional[DType]:
         """The floating dtype most of the weights are stored in (``None`` if there are no floating tensors)."""
         counts = Counter()
         for spec in self.specs.values():

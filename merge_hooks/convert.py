@@ -64,7 +64,7 @@ def convert(
         out = output_dtype(dtype, checkpoint.dtype)
         specs = [TensorSpec(s.name, written_dtype(s.dtype, out), s.shape) for s in checkpoint.specs.values()]
         out_dtypes = {s.name: s.dtype for s in specs}
-        tensors = TensorSource(specs=specs, get=lambda name: checkpoint.get(name).to(out_dtypes[name]))
+        tensors = TensorSource(specs=specs, get=lambda name: checkpoint.get(name).to(out_dtypes[name].torch))
         check_disk_space(target.parent, tensors.total_bytes * fmt.size_factor)
         with staged_output(target) as staging:
             with byte_progress(tensors.total_bytes * fmt.size_factor, "converting", quiet=quiet) as advance:
@@ -76,7 +76,7 @@ def convert(
                     shutil.copytree(entry, staging / entry.name)
                 else:
                     shutil.copy2(entry, staging / entry.name)
-            dtype_name = str(out).removeprefix("torch.") if out is not None else None
+            dtype_name = out.name if out is not None else None
             write_config(source_dir, staging, dtype_name=dtype_name)
             _refresh_provenance(staging, save_format=fmt.name, dtype_name=dtype_name)
     files = folder_listing(target)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .errors import MergeHooksError
 
@@ -90,14 +90,14 @@ def check_heads(models: Sequence["InputModel"]) -> bool:
     return True
 
 
-def merge_heads(folders: Sequence[Path], weights: Sequence[float], *, dtype: Optional["torch.dtype"]) -> Heads:
+def merge_heads(folders: Sequence[Path], weights: Sequence[float], *, dtype: Any) -> Heads:
     """Merge each head file of ``folders`` as the main tensors are: ``w1*h1 + w2*h2 + ...`` in model order.
 
-    Floating tensors are cast to ``dtype`` (the dtype the main weights were written in), or kept in the
-    first model's dtype when ``dtype`` is None.
+    Floating tensors are cast to ``dtype`` (the dtype the main weights were written in: a
+    :class:`~merge_hooks.dtypes.DType`, torch dtype or name), or kept in the first model's dtype when ``dtype`` is None.
 
     Example:
-        >>> heads = merge_heads([Path("bge-m3"), Path("bge-m3-ft")], [0.5, 0.5], dtype=torch.float32)
+        >>> heads = merge_heads([Path("bge-m3"), Path("bge-m3-ft")], [0.5, 0.5], dtype="float32")
         >>> heads["colbert_linear.pt"]["weight"].shape
         torch.Size([1024, 1024])
     """
@@ -116,7 +116,7 @@ def merge_heads(folders: Sequence[Path], weights: Sequence[float], *, dtype: Opt
                 if key not in out_dtypes:
                     out_dtypes[key] = written_dtype(tensor.dtype, dtype)
                 sums[key] = accumulate(sums.get(key), weight, tensor)
-        merged[name] = {key: tensor.to(out_dtypes[key]).contiguous() for key, tensor in sums.items()}
+        merged[name] = {key: tensor.to(out_dtypes[key].torch).contiguous() for key, tensor in sums.items()}
     return merged
 
 

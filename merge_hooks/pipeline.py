@@ -99,7 +99,9 @@ def choose_engine(recipe: Recipe, models: list[InputModel]) -> str:
     return "stream"
 
 
-def _merge(recipe: Recipe, models: list[InputModel], engine: str, examples: Optional[list[dict]], dtype) -> EngineResult:
+def _merge(
+    recipe: Recipe, models: list[InputModel], engine: str, examples: Optional[list[dict]], dtype, *, arrays: bool
+) -> EngineResult:
     paths = [m.path for m in models]
     if engine == "cocktail":
         from .engines.cocktail import cocktail_merge
@@ -127,7 +129,7 @@ def _merge(recipe: Recipe, models: list[InputModel], engine: str, examples: Opti
         logger.info("weights from the examples: %s", ", ".join(f"{w:.6f}" for w in weights))
     else:
         weights = recipe.weights
-    return stream_merge(models, weights, dtype=dtype)
+    return stream_merge(models, weights, dtype=dtype, arrays=arrays)
 
 
 def _verify_staging(staging: Path, *, trust_remote_code: bool) -> None:
@@ -142,7 +144,7 @@ def _verify_staging(staging: Path, *, trust_remote_code: bool) -> None:
 
 
 def _dtype_name(dtype) -> Optional[str]:
-    return str(dtype).removeprefix("torch.") if dtype is not None else None
+    return dtype.name if dtype is not None else None
 
 
 def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, verify: bool = False) -> MergeResult:
@@ -177,7 +179,8 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
         # Only LM_Cocktail and the example scoring load models through transformers.
         loads_models = engine == "cocktail" or examples is not None
         with loader_progress_bars(enabled=not (quiet and loads_models)):
-            result = _merge(recipe, models, engine, examples, dtype)
+            # bge-m3 heads are merged with torch anyway; otherwise a format taking arrays spares its import.
+            result = _merge(recipe, models, engine, examples, dtype, arrays=fmt.takes_arrays and not m3_heads)
         try:
             # LM_Cocktail never merges bge-m3's heads, whichever engine ran.
             heads = merge_heads([m.path for m in models], result.weights, dtype=result.dtype) if m3_heads else None

@@ -7,7 +7,10 @@ exists, so files can be planned (shards, headers) and then filled one tensor at 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+
+from . import dtypes
+from .dtypes import DType
 
 if TYPE_CHECKING:
     import torch
@@ -15,11 +18,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, dtype and shape of one output tensor, known before its data."""
+    """Name, dtype and shape of one output tensor, known before its data.
+
+    ``dtype`` may be given as a :class:`~merge_hooks.dtypes.DType`, a torch dtype or a dtype name;
+    it is always held as a ``DType``.
+    """
 
     name: str
-    dtype: "torch.dtype"
+    dtype: DType
     shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", dtypes.of(self.dtype))
+        object.__setattr__(self, "shape", tuple(self.shape))
 
     @property
     def numel(self) -> int:
@@ -37,12 +48,14 @@ class TensorSpec:
 class TensorSource:
     """An ordered list of tensor specs plus ``get(name)`` that produces the tensor on demand.
 
-    ``get`` returns a CPU tensor of exactly the spec's dtype and shape. Writers call it once per
+    ``get`` returns a CPU tensor of exactly the spec's dtype and shape, or a C-contiguous numpy array
+    of its shape in the dtype's ``storage`` (bfloat16 as uint16 bits); only formats that say they
+    take arrays get the latter. Writers call it once per
     tensor, in spec order, and drop the result before asking for the next one.
     """
 
     specs: Sequence[TensorSpec]
-    get: Callable[[str], "torch.Tensor"]
+    get: Callable[[str], Any]
 
     def __iter__(self) -> Iterator[TensorSpec]:
         return iter(self.specs)

@@ -14,12 +14,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merge_hooks.io.safetensors_io import (
-    DTYPES,
     SafetensorsReader,
     read_safetensors_header,
     write_safetensors,
 )
+from merge_hooks.dtypes import BY_CODE
 from merge_hooks.tensors import TensorSource, TensorSpec
+
+# safetensors code -> torch dtype, for the dtypes this torch build has.
+DTYPES = {d.code: getattr(torch, d.name) for d in BY_CODE.values() if hasattr(torch, d.name)}
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20

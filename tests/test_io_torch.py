@@ -13,9 +13,12 @@ import pytest
 import torch
 
 import merge_hooks.io.torch_io as torch_io
-from merge_hooks.io.safetensors_io import DTYPES
 from merge_hooks.io.torch_io import TorchReader, write_torch
+from merge_hooks.dtypes import BY_CODE
 from merge_hooks.tensors import TensorSource, TensorSpec
+
+# safetensors code -> torch dtype, for the dtypes this torch build has.
+DTYPES = {d.code: getattr(torch, d.name) for d in BY_CODE.values() if hasattr(torch, d.name)}
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20

@@ -11,6 +11,9 @@ import gc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
+from .. import dtypes
+from ..dtypes import DType
+
 if TYPE_CHECKING:
     import torch
 
@@ -23,25 +26,27 @@ class EngineResult:
 
     source: "TensorSource"
     weights: list[float]
-    dtype: Optional["torch.dtype"]
+    dtype: Optional[DType]
     engine: str
     architectures: Optional[list[str]] = None
     model: Any = None
     close: Callable[[], None] = field(default=lambda: None)
 
 
-def output_dtype(option: str, first_checkpoint_dtype: Optional["torch.dtype"]) -> Optional["torch.dtype"]:
+def output_dtype(option: str, first_checkpoint_dtype: Optional[DType]) -> Optional[DType]:
     """``keep`` means the first model's checkpoint dtype, whatever transformers would load it as."""
-    import torch
-
     if option == "keep":
         return first_checkpoint_dtype
-    return getattr(torch, option)
+    return dtypes.of(option)
 
 
-def written_dtype(stored: "torch.dtype", target: Optional["torch.dtype"]) -> "torch.dtype":
-    """The dtype a tensor stored as ``stored`` is written in: ``target`` for floating tensors, else unchanged."""
-    return target if (target is not None and stored.is_floating_point) else stored
+def written_dtype(stored: Any, target: Any) -> DType:
+    """The dtype a tensor stored as ``stored`` is written in: ``target`` for floating tensors, else unchanged.
+
+    Either may be a :class:`~merge_hooks.dtypes.DType`, a torch dtype or a name; ``target`` may be None.
+    """
+    stored = dtypes.of(stored)
+    return dtypes.of(target) if (target is not None and stored.is_floating_point) else stored
 
 
 def accumulate(acc: Optional["torch.Tensor"], weight: float, tensor: "torch.Tensor") -> "torch.Tensor":

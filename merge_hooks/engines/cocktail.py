@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ..errors import MergeHooksError
 from ..tensors import TensorSource, TensorSpec
+from .. import dtypes
+from ..dtypes import DType
 from . import EngineResult, collecting_garbage, written_dtype
 
 if TYPE_CHECKING:
@@ -110,18 +112,18 @@ def deduplicate_shared(state_dict: Mapping[str, "torch.Tensor"], *, drop: set[st
     return {name: tensor for name, tensor in state_dict.items() if name in keep}
 
 
-def model_source(model: Any, *, dtype: Optional["torch.dtype"]) -> TensorSource:
+def model_source(model: Any, *, dtype: Any) -> TensorSource:
     """The model's weights as a tensor source, tied copies removed, floating tensors cast to ``dtype``."""
     state_dict = deduplicate_shared(model.state_dict(), drop=tied_names(model))
 
-    def out_dtype(tensor) -> "torch.dtype":
+    def out_dtype(tensor) -> DType:
         return written_dtype(tensor.dtype, dtype)
 
     specs = [TensorSpec(name, out_dtype(t), tuple(t.shape)) for name, t in state_dict.items()]
 
     def get(name: str):
         tensor = state_dict[name].detach()
-        return tensor.to(device="cpu", dtype=out_dtype(tensor)).contiguous()
+        return tensor.to(device="cpu", dtype=out_dtype(tensor).torch).contiguous()
 
     return TensorSource(specs=specs, get=get)
 
@@ -131,7 +133,7 @@ def cocktail_merge(
     model_paths: list[str],
     model_type: str,
     *,
-    dtype: Optional["torch.dtype"],
+    dtype: Optional[DType],
     **options: Any,
 ) -> EngineResult:
     """Merge with LM_Cocktail and wrap the returned model for the output stage."""
@@ -140,7 +142,7 @@ def cocktail_merge(
     return EngineResult(
         source=source,
         weights=list(weights),
-        dtype=dtype or model.dtype,
+        dtype=dtype or dtypes.of(model.dtype),
         engine="cocktail",
         architectures=[type(model).__name__],
         model=model,

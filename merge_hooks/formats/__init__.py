@@ -49,12 +49,15 @@ class OutputFormat:
             (and index files) into ``directory``, which exists and is empty of weight files.
         size_factor: how many bytes are written per byte of tensors (2 for a format writing two copies),
             used to check free disk space before writing.
+        takes_arrays: ``write`` also accepts sources whose ``get`` returns numpy arrays (see
+            :class:`~merge_hooks.tensors.TensorSource`); such merges need not import torch.
     """
 
     name: str
     description: str
     write: Callable[["TensorSource", Path, WriteOptions], list[Path]]
     size_factor: int = 1
+    takes_arrays: bool = False
 
 
 @lru_cache(maxsize=1)

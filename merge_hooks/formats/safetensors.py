@@ -24,4 +24,5 @@ FORMAT = OutputFormat(
     name="safetensors",
     description="model.safetensors (sharded with an index past max_shard_size); what transformers writes by default",
     write=_write,
+    takes_arrays=True,
 )

@@ -2,6 +2,9 @@
 
 The format is an 8-byte little-endian header length, a JSON header (dtype, shape and byte range
 of every tensor, plus optional ``__metadata__``), then the raw little-endian tensor bytes.
+
+Nothing here imports torch unless torch tensors are asked for: a merge of safetensors files into
+safetensors runs on numpy arrays and skips torch's import.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
+import numpy as np
 
+from ..dtypes import BY_CODE
 from ..tensors import TensorSource, TensorSpec
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -23,33 +30,6 @@ logger = logging.getLogger(__name__)
 MAX_HEADER_SIZE = 100_000_000
 # The library pads the header with spaces so the data section starts 8-byte aligned.
 HEADER_ALIGNMENT = 8
-
-_DTYPE_NAMES = (
-    ("F64", "float64"),
-    ("F32", "float32"),
-    ("F16", "float16"),
-    ("BF16", "bfloat16"),
-    ("I64", "int64"),
-    ("I32", "int32"),
-    ("I16", "int16"),
-    ("I8", "int8"),
-    ("U8", "uint8"),
-    ("BOOL", "bool"),
-    ("C64", "complex64"),
-    ("U64", "uint64"),
-    ("U32", "uint32"),
-    ("U16", "uint16"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-    ("F8_E5M2", "float8_e5m2"),
-    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-)
-# Only the dtypes this torch build has; older builds lack the unsigned and float8 ones.
-DTYPES: dict[str, torch.dtype] = {
-    code: getattr(torch, attr) for code, attr in _DTYPE_NAMES if hasattr(torch, attr)
-}
-_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
-
 
 def read_safetensors_header(
     path: str | os.PathLike,
@@ -116,11 +96,11 @@ def _parse_entry(path: str, name: str, info: object) -> tuple[TensorSpec, int, i
         code, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
     except (TypeError, KeyError, ValueError):
         raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
-    if code not in DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has dtype {code!r}, which this torch build cannot hold")
+    if code not in BY_CODE:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {code!r}, which merge-hooks does not know")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise ValueError(f"{path}: corrupt safetensors header, tensor {name!r} has shape {shape!r}")
-    spec = TensorSpec(name, DTYPES[code], tuple(shape))
+    spec = TensorSpec(name, BY_CODE[code], tuple(shape))
     if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin and end - begin == spec.nbytes):
         raise ValueError(
             f"{path}: corrupt safetensors header, tensor {name!r} ({code} {shape}) needs {spec.nbytes} bytes "
@@ -159,30 +139,50 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self._specs)
 
-    def get(self, name: str, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Read tensor ``name`` into a new, writable tensor that owns its memory, or into ``out``.
+    def _spec(self, name: str) -> TensorSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise KeyError(f"no tensor {name!r} in {self.path}") from None
+
+    def get(self, name: str, *, out: Optional["torch.Tensor"] = None) -> "torch.Tensor":
+        """Read tensor ``name`` into a new, writable torch tensor that owns its memory, or into ``out``.
 
         ``out`` must be a contiguous tensor of the tensor's dtype and shape (a reused buffer).
         """
-        try:
-            spec = self._specs[name]
-        except KeyError:
-            raise KeyError(f"no tensor {name!r} in {self.path}") from None
-        start, end = self._ranges[name]
+        import torch
+
+        spec = self._spec(name)
         if out is None:
-            out = torch.empty(spec.shape, dtype=spec.dtype)
-        elif out.dtype != spec.dtype or tuple(out.shape) != spec.shape or not out.is_contiguous():
+            out = torch.empty(spec.shape, dtype=spec.dtype.torch)
+        elif out.dtype != spec.dtype.torch or tuple(out.shape) != spec.shape or not out.is_contiguous():
             raise ValueError(f"buffer for {name!r} must be a contiguous {spec.dtype} tensor of shape {list(spec.shape)}")
+        # Viewing as uint8 first works for every dtype, including bfloat16 and float8, which numpy lacks.
+        self._read_into(name, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        return out
+
+    def get_array(self, name: str, *, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Read tensor ``name`` into a new numpy array, or into ``out``, in the dtype's ``storage``.
+
+        bfloat16 and float8 tensors come as their raw bits (uint16, uint8): numpy has no such dtypes.
+        """
+        spec = self._spec(name)
+        if out is None:
+            out = np.empty(spec.shape, dtype=spec.dtype.storage)
+        elif out.dtype != spec.dtype.storage or out.shape != spec.shape or not out.flags.c_contiguous:
+            raise ValueError(f"buffer for {name!r} must be a C-contiguous {spec.dtype.storage} array of shape {list(spec.shape)}")
+        self._read_into(name, memoryview(out.reshape(-1).view(np.uint8)))
+        return out
+
+    def _read_into(self, name: str, view: memoryview) -> None:
         # Hand-written because safetensors has no pread-based reader and safe_open mmaps the file.
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        start, end = self._ranges[name]
         done = 0
         while done < end - start:
-            self._file.seek(start + done)
-            n = self._file.readinto(view[done:])
+            n = os.preadv(self._file.fileno(), [view[done:]], start + done)
             if not n:
                 raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
             done += n
-        return out
 
     def close(self) -> None:
         self._file.close()
@@ -246,10 +246,8 @@ def _build_header(source: TensorSource, metadata: dict[str, str]) -> bytes:
         if spec.name in header:
             what = "is reserved" if spec.name == "__metadata__" else "appears twice"
             raise ValueError(f"tensor name {spec.name!r} {what}; safetensors needs unique tensor names")
-        if spec.dtype not in _CODES:
-            raise ValueError(f"tensor {spec.name!r} has dtype {spec.dtype}, which safetensors cannot store")
         header[spec.name] = {
-            "dtype": _CODES[spec.dtype],
+            "dtype": spec.dtype.code,
             "shape": list(spec.shape),
             "data_offsets": [offset, offset + spec.nbytes],
         }
@@ -258,19 +256,30 @@ def _build_header(source: TensorSource, metadata: dict[str, str]) -> bytes:
     return encoded + b" " * (-len(encoded) % HEADER_ALIGNMENT)
 
 
-def check_tensor(tensor: object, spec: TensorSpec) -> None:
-    """Raise ``ValueError`` naming the tensor unless ``tensor`` matches ``spec``'s dtype and shape."""
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"tensor {spec.name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
+def check_tensor(tensor: Any, spec: TensorSpec) -> None:
+    """Raise ``ValueError`` naming the tensor unless ``tensor`` matches ``spec``'s dtype and shape.
+
+    ``tensor`` is a torch tensor, or a numpy array in the dtype's ``storage`` (bfloat16 as uint16 bits).
+    """
+    if isinstance(tensor, np.ndarray):
+        dtype, expected = tensor.dtype, spec.dtype.storage
+    elif type(tensor).__module__.startswith("torch") and hasattr(tensor, "dtype"):
+        dtype, expected = tensor.dtype, spec.dtype.torch
+    else:
+        raise ValueError(f"tensor {spec.name!r}: expected a torch.Tensor or numpy array, got {type(tensor).__name__}")
+    if dtype != expected or tuple(tensor.shape) != tuple(spec.shape):
         raise ValueError(
-            f"tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)} but was planned as "
+            f"tensor {spec.name!r} is {dtype} {tuple(tensor.shape)} but was planned as "
             f"{spec.dtype} {tuple(spec.shape)}"
         )
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's raw bytes, without a copy when it is already a contiguous CPU tensor."""
+def tensor_bytes(tensor: Any) -> memoryview:
+    """The raw bytes of a torch tensor or numpy array, without a copy when it is already contiguous."""
+    if isinstance(tensor, np.ndarray):
+        return memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
+    import torch
+
     # Viewing as uint8 first works for every dtype, including bfloat16 and float8, which numpy lacks.
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())

@@ -111,7 +111,7 @@ def _write_skeleton(path: str | os.PathLike, specs: list[TensorSpec]) -> None:
             f"writing .bin files needs torch.serialization.skip_data, which torch {torch.__version__} lacks; "
             "upgrade torch (>= 2.5) or write safetensors"
         )
-    placeholders = {spec.name: torch.empty(spec.shape, dtype=spec.dtype) for spec in specs}
+    placeholders = {spec.name: torch.empty(spec.shape, dtype=spec.dtype.torch) for spec in specs}
     with skip_data():
         torch.save(placeholders, path)
 
@@ -247,7 +247,7 @@ class TorchReader:
         mapped = self._tensors[name].detach()
         if out is None:
             out = mapped.clone(memory_format=torch.contiguous_format)
-        elif out.dtype != spec.dtype or tuple(out.shape) != spec.shape:
+        elif out.dtype != spec.dtype.torch or tuple(out.shape) != spec.shape:
             raise ValueError(f"buffer for {name!r} must be a {spec.dtype} tensor of shape {list(spec.shape)}")
         else:
             out.copy_(mapped)
