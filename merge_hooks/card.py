@@ -260,19 +260,29 @@ def _digest(path: Path) -> FileDigest:
     return FileDigest(size=before.st_size, mtime_ns=before.st_mtime_ns, sha256=sha256_file(path))
 
 
-def hash_files(paths: Iterable[Path], *, root: Path) -> dict[str, FileDigest]:
+def hash_files(paths: Iterable[Path], *, root: Path, known: Optional[dict[Path, str]] = None) -> dict[str, FileDigest]:
     """Hash ``paths`` (several at once) and key the digests by their path relative to ``root``.
 
-    Call it right after writing large files, while their bytes are still in the page cache.
+    Call it right after writing large files, while their bytes are still in the page cache. Files whose
+    sha256 is in ``known`` (hashed while they were written) are not read again.
 
     Example:
-        >>> written = fmt.write(source, staging, options)
-        >>> hashed = hash_files(written, root=staging)
+        >>> digests = {}
+        >>> written = fmt.write(source, staging, WriteOptions(max_shard_size, digests=digests))
+        >>> hashed = hash_files(written, root=staging, known=digests)
     """
     paths = [Path(p) for p in paths]
+    known = {Path(p): sha for p, sha in (known or {}).items() if sha is not None}
+
+    def digest(path: Path) -> FileDigest:
+        if path not in known:
+            return _digest(path)
+        stat = path.stat()
+        return FileDigest(size=stat.st_size, mtime_ns=stat.st_mtime_ns, sha256=known[path])
+
     with ThreadPoolExecutor(max_workers=max(1, min(HASH_WORKERS, len(paths), os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(_digest, paths))
-    return {path.relative_to(root).as_posix(): digest for path, digest in zip(paths, digests)}
+        digests = list(pool.map(digest, paths))
+    return {path.relative_to(root).as_posix(): d for path, d in zip(paths, digests)}
 
 
 def folder_files(directory: Path) -> list[str]:

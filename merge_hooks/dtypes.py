@@ -27,6 +27,8 @@ class DType:
         is_floating_point: as ``torch.dtype.is_floating_point`` (False for integers, bool and complex).
         numpy_name: the numpy dtype of the same name, or None where numpy has none (bfloat16, float8);
             numpy arrays then carry the raw bits in an unsigned integer type of the same size.
+        storage_class: the typed storage class ``torch.save`` pickles for this dtype (``FloatStorage``), or None
+            for the dtypes it saves as untyped storage plus the dtype (unsigned ints past uint8, float8).
     """
 
     name: str
@@ -34,6 +36,7 @@ class DType:
     itemsize: int
     is_floating_point: bool
     numpy_name: Optional[str]
+    storage_class: Optional[str]
 
     def __str__(self) -> str:
         return self.name
@@ -60,25 +63,25 @@ class DType:
 
 
 _TABLE = (
-    # name, safetensors code, itemsize, floating, numpy name
-    ("float64", "F64", 8, True, "float64"),
-    ("float32", "F32", 4, True, "float32"),
-    ("float16", "F16", 2, True, "float16"),
-    ("bfloat16", "BF16", 2, True, None),
-    ("int64", "I64", 8, False, "int64"),
-    ("int32", "I32", 4, False, "int32"),
-    ("int16", "I16", 2, False, "int16"),
-    ("int8", "I8", 1, False, "int8"),
-    ("uint8", "U8", 1, False, "uint8"),
-    ("bool", "BOOL", 1, False, "bool"),
-    ("complex64", "C64", 8, False, "complex64"),
-    ("uint64", "U64", 8, False, "uint64"),
-    ("uint32", "U32", 4, False, "uint32"),
-    ("uint16", "U16", 2, False, "uint16"),
-    ("float8_e4m3fn", "F8_E4M3", 1, True, None),
-    ("float8_e4m3fnuz", "F8_E4M3FNUZ", 1, True, None),
-    ("float8_e5m2", "F8_E5M2", 1, True, None),
-    ("float8_e5m2fnuz", "F8_E5M2FNUZ", 1, True, None),
+    # name, safetensors code, itemsize, floating, numpy name, torch.save storage class
+    ("float64", "F64", 8, True, "float64", "DoubleStorage"),
+    ("float32", "F32", 4, True, "float32", "FloatStorage"),
+    ("float16", "F16", 2, True, "float16", "HalfStorage"),
+    ("bfloat16", "BF16", 2, True, None, "BFloat16Storage"),
+    ("int64", "I64", 8, False, "int64", "LongStorage"),
+    ("int32", "I32", 4, False, "int32", "IntStorage"),
+    ("int16", "I16", 2, False, "int16", "ShortStorage"),
+    ("int8", "I8", 1, False, "int8", "CharStorage"),
+    ("uint8", "U8", 1, False, "uint8", "ByteStorage"),
+    ("bool", "BOOL", 1, False, "bool", "BoolStorage"),
+    ("complex64", "C64", 8, False, "complex64", "ComplexFloatStorage"),
+    ("uint64", "U64", 8, False, "uint64", None),
+    ("uint32", "U32", 4, False, "uint32", None),
+    ("uint16", "U16", 2, False, "uint16", None),
+    ("float8_e4m3fn", "F8_E4M3", 1, True, None, None),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ", 1, True, None, None),
+    ("float8_e5m2", "F8_E5M2", 1, True, None, None),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ", 1, True, None, None),
 )
 BY_NAME: dict[str, DType] = {row[0]: DType(*row) for row in _TABLE}
 BY_CODE: dict[str, DType] = {dtype.code: dtype for dtype in BY_NAME.values()}

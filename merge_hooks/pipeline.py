@@ -195,10 +195,12 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
                 m3_heads=m3_heads,
             )
             with staged_output(target) as staging:
+                digests: dict[Path, str] = {}
                 with byte_progress(result.source.total_bytes * fmt.size_factor, "writing", quiet=quiet) as advance:
-                    written = fmt.write(result.source, staging, WriteOptions(recipe.output.max_shard_bytes, progress=advance))
-                # Hashed now, while the bytes just written are still in the page cache.
-                hashed = hash_files(written, root=staging)
+                    options = WriteOptions(recipe.output.max_shard_bytes, progress=advance, digests=digests)
+                    written = fmt.write(result.source, staging, options)
+                # Files the format did not hash while writing them are hashed now, while still in the page cache.
+                hashed = hash_files(written, root=staging, known=digests)
                 write_sidecars(
                     first.path,
                     staging,

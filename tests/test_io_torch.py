@@ -277,30 +277,137 @@ def test_write_and_read_memory_stay_near_one_tensor(tmp_path):
     assert read < 2 * 50 + 150, f"reader peak RSS {read:.0f} MB above baseline"
 
 
-def test_record_layout_past_4_gib(tmp_path):
-    """Past 4 GiB torch switches to zip64 headers and descriptors; the CRC fields must still be found.
-
-    Only the skeleton is written (torch leaves skipped data as a hole), so this costs no disk or memory.
-    """
-    specs = [TensorSpec("huge", torch.float32, (1100 * MB,)), TensorSpec("after", torch.float16, (3,))]
-    path = tmp_path / "pytorch_model.bin"
-    torch_io._write_skeleton(path, specs)
-    records = torch_io._storage_records(path, specs)
-
+def _without_serialization_id(path: Path) -> bytes:
+    """The file's bytes with the serialization id (data and CRCs) blanked: its value is torch's own hash."""
+    data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
-        start_dir = archive.start_dir
-        infos = [archive.getinfo(f"pytorch_model/data/{key}") for key in range(2)]
-    assert infos[1].header_offset > 2**32
-    with open(path, "rb") as f:
-        for info, record in zip(infos, records):
-            assert record.data_offset % 64 == 0 and record.data_offset > info.header_offset
-            local, central = record.crc_offsets
-            f.seek(local - 4)
-            assert f.read(4) == b"PK\x07\x08"
-            assert local == record.data_offset + info.file_size + 4
-            assert central > start_dir
-            f.seek(central - 16)
-            entry = f.read(46)
-            assert entry[:4] == b"PK\x01\x02"
-            name_length = struct.unpack("<H", entry[28:30])[0]
-            assert f.read(name_length).decode() == info.filename
+        info = archive.getinfo(f"{path.stem}/.data/serialization_id")
+    records = _data_records(path)
+    start, _, _ = records[info.filename]
+    data[start:start + info.file_size + 8] = bytes(info.file_size + 8)  # the id and its descriptor's CRC
+    central = data.index(b"PK\x01\x02" + bytes(2), data.rindex(info.filename.encode()) - 46)
+    data[central + 16:central + 20] = bytes(4)
+    return bytes(data)
+
+
+def test_archive_is_byte_for_byte_what_torch_save_writes(tmp_path):
+    """Record names, order, headers, padding, descriptors, pickle, central directory: all torch's bytes."""
+    tensors = _all_dtypes_state_dict()
+    tensors["transposed"] = torch.randn(4, 3).t().contiguous()
+    (tmp_path / "ours").mkdir()
+    ours, theirs = tmp_path / "ours" / "pytorch_model.bin", tmp_path / "pytorch_model.bin"
+    write_torch(ours, TensorSource.from_state_dict(tensors))
+    torch.save(tensors, theirs)
+    assert _without_serialization_id(ours) == _without_serialization_id(theirs)
+
+
+def test_writer_does_not_import_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from merge_hooks.io.torch_io import write_torch\n"
+        "from merge_hooks.tensors import TensorSource, TensorSpec\n"
+        "specs = [TensorSpec('w', 'float32', (2, 3)), TensorSpec('b', 'bfloat16', (4,))]\n"
+        "arrays = {'w': np.arange(6, dtype=np.float32).reshape(2, 3), 'b': np.full(4, 0x3F80, dtype=np.uint16)}\n"
+        f"write_torch({str(tmp_path / 'pytorch_model.bin')!r}, TensorSource(specs, arrays.__getitem__))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    loaded = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    assert torch.equal(loaded["w"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(loaded["b"], torch.ones(4, dtype=torch.bfloat16))
+
+
+class _SparseFile:
+    """A file that leaves large writes as holes, so a >4 GiB archive costs no disk or memory."""
+
+    def __init__(self, path, mode):
+        self._f = open(path, mode)
+
+    def write(self, data):
+        view = memoryview(data)
+        if view.nbytes > MB:
+            self._f.seek(view.nbytes, os.SEEK_CUR)
+            return view.nbytes
+        return self._f.write(view)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.slow
+def test_archive_past_4_gib_has_torchs_zip64_layout(tmp_path, monkeypatch):
+    """Past 4 GiB miniz adds zip64 fields to headers, descriptors and the central directory.
+
+    Our archive (its big tensor left as a hole) must equal torch's skip_data skeleton of the same
+    tensors, whose data records are holes too, and load with and without computed storage offsets.
+    """
+    import numpy as np
+
+    small = torch.arange(5, dtype=torch.float32)
+    after = torch.tensor([1.5, -2.0, 3.25], dtype=torch.float16)
+    huge = np.zeros(1100 * MB, dtype=np.float32)  # calloc'd: never touched, so never resident
+    # "again" is past 4 GiB in both size and offset.
+    arrays = {"small": small.numpy(), "huge": huge, "again": huge, "after": after.numpy()}
+    specs = [TensorSpec("small", torch.float32, (5,)), TensorSpec("huge", torch.float32, huge.shape),
+             TensorSpec("again", torch.float32, huge.shape), TensorSpec("after", torch.float16, (3,))]
+    real_crc32 = zlib.crc32
+    # torch's skeleton records CRC 0 for skipped data; so do we, for tensors, without reading 4.4 GB.
+    fake_zlib = type("zlib", (), {"crc32": staticmethod(
+        lambda data, value=0: 0 if isinstance(memoryview(data).obj, np.ndarray) else real_crc32(data, value))})
+    monkeypatch.setattr(torch_io, "zlib", fake_zlib)
+    monkeypatch.setattr(torch_io, "open", _SparseFile, raising=False)
+    (tmp_path / "ours").mkdir()
+    ours, theirs = tmp_path / "ours" / "pytorch_model.bin", tmp_path / "pytorch_model.bin"
+    write_torch(ours, TensorSource(specs, arrays.__getitem__))
+    with torch.serialization.skip_data():
+        torch.save({"small": torch.empty(5), "huge": torch.empty(1100 * MB), "again": torch.empty(1100 * MB),
+                    "after": torch.empty(3, dtype=torch.float16)}, theirs)
+
+    assert ours.stat().st_size == theirs.stat().st_size > 2**33
+    records = _data_records(ours)
+    id_name = "pytorch_model/.data/serialization_id"
+    theirs_records = _data_records(theirs)
+    assert records[id_name][0] == theirs_records.pop(id_name)[0]
+    assert {k: v for k, v in records.items() if k != id_name} == theirs_records
+    big = [(records[f"pytorch_model/data/{key}"][0], huge.nbytes) for key in (1, 2)]
+    assert big[1][0] > 2**32
+    id_start = records[id_name][0]
+    blanks = [  # (offset, length) that may differ: small tensors' data (holes in theirs) and the id
+        (records["pytorch_model/data/0"][0], small.numpy().nbytes),
+        (records["pytorch_model/data/3"][0], after.numpy().nbytes), (id_start, 40), (id_start + 44, 4)]
+
+    def outside_big_tensors(path: Path) -> list[bytes]:
+        """Every byte but the two big tensors' data, with the blanks zeroed."""
+        regions, position = [], 0
+        with open(path, "rb") as f:
+            for offset, length in big + [(path.stat().st_size, 0)]:
+                f.seek(position)
+                region = bytearray(f.read(offset - position))
+                for blank, n in blanks:
+                    if position <= blank < offset:
+                        region[blank - position:blank - position + n] = bytes(n)
+                regions.append(region)
+                position = offset + length
+        crc_at = regions[-1].rindex(id_name.encode()) - 46 + 16  # the id's central directory entry
+        regions[-1][crc_at:crc_at + 4] = bytes(4)
+        return [bytes(r) for r in regions]
+
+    assert outside_big_tensors(ours) == outside_big_tensors(theirs)
+
+    monkeypatch.undo()
+    for calculate in (False, True):
+        with torch.utils.serialization.config.patch({"load.calculate_storage_offsets": calculate}):
+            loaded = torch.load(ours, weights_only=True, mmap=True)
+        assert torch.equal(loaded["small"], small) and torch.equal(loaded["after"], after)
+        assert loaded["huge"].shape == (1100 * MB,)
+        del loaded

@@ -18,7 +18,9 @@ def _write(source, directory: Path, options: WriteOptions) -> list[Path]:
     from ..io.torch_io import write_torch
 
     def write_file(path: Path, shard) -> None:
-        write_torch(path, shard, progress=options.progress)
+        digest = write_torch(path, shard, progress=options.progress, sha256=options.digests is not None)
+        if options.digests is not None:
+            options.digests[path] = digest
 
     return write_sharded(source, directory, weights_name=WEIGHTS_NAME, max_shard_size=options.max_shard_size,
                          write_file=write_file)
@@ -28,4 +30,5 @@ FORMAT = OutputFormat(
     name="bin",
     description="pytorch_model.bin (torch.save pickle, sharded with an index past max_shard_size); no safetensors",
     write=_write,
+    takes_arrays=True,
 )

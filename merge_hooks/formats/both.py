@@ -18,4 +18,5 @@ FORMAT = OutputFormat(
     description="model.safetensors and pytorch_model.bin side by side, for loaders that read only one of them",
     write=_write,
     size_factor=2,
+    takes_arrays=True,
 )

@@ -9,6 +9,7 @@ safetensors runs on numpy arrays and skips torch's import.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..dtypes import BY_CODE
 from ..tensors import TensorSource, TensorSpec
+from .hashing import TrailingHasher
 
 if TYPE_CHECKING:
     import torch
@@ -200,7 +202,8 @@ def write_safetensors(
     *,
     metadata: Optional[dict[str, str]] = None,
     progress: Optional[Callable[[int], object]] = None,
-) -> None:
+    sha256: bool = False,
+) -> Optional[str]:
     """Write ``source`` as a safetensors file, holding one tensor in memory at a time.
 
     The header is built from the specs alone, then each tensor is produced by ``source.get``,
@@ -211,6 +214,10 @@ def write_safetensors(
         source: the tensors to write, in file order.
         metadata: strings stored in ``__metadata__``, on top of ``{"format": "pt"}``.
         progress: called with each tensor's byte count once it is written (e.g. ``tqdm.update``).
+        sha256: also hash the file while writing it (see :class:`~merge_hooks.io.hashing.TrailingHasher`).
+
+    Returns:
+        The file's hex sha256 when ``sha256`` is set, else None.
 
     Raises:
         ValueError: a tensor name repeats or is reserved, a dtype has no safetensors code, a
@@ -222,7 +229,8 @@ def write_safetensors(
         >>> write_safetensors("model.safetensors", source, metadata={"merged_by": "merge-hooks"})
     """
     header_bytes = _build_header(source, {"format": "pt", **(metadata or {})})
-    with open(path, "wb") as f:
+    digest = None
+    with open(path, "wb") as f, (TrailingHasher(path) if sha256 else contextlib.nullcontext()) as hasher:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for spec in source.specs:
@@ -231,9 +239,16 @@ def write_safetensors(
             data = tensor_bytes(tensor)
             f.write(data)
             del tensor, data
+            if hasher is not None:
+                f.flush()
+                hasher.advance(f.tell())
             if progress is not None:
                 progress(spec.nbytes)
+        if hasher is not None:
+            f.flush()
+            digest = hasher.finish(f.tell())
     logger.debug("wrote %d tensors (%d bytes) to %s", len(source), source.total_bytes, path)
+    return digest
 
 
 def _build_header(source: TensorSource, metadata: dict[str, str]) -> bytes:

@@ -1,28 +1,33 @@
 """Read and write ``pytorch_model.bin`` files (``torch.save`` zip archives) one tensor at a time.
 
-Writing first lets ``torch.save`` lay out the whole archive with ``skip_data`` over placeholder
-tensors whose memory is never touched, then fills each storage record in place and patches its CRC-32. Keeping
-torch's own layout (64-byte aligned records, miniz data descriptors, zip64 past 4 GiB) matters:
-``torch.load(mmap=True)`` can compute storage offsets from that layout instead of reading it.
+The writer does not need torch: it lays the archive out exactly as torch's ``PyTorchStreamWriter``
+(miniz) does (record order and names, 64-byte aligned data, data descriptors, zip64 fields past
+4 GiB) and pickles ``data.pkl`` as ``torch.save`` pickles a dict of tensors. Keeping torch's own
+layout matters: ``torch.load(mmap=True)`` may compute storage offsets from it instead of reading
+them. The reader maps the file with ``torch.load(weights_only=True, mmap=True)``.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
+import io
 import logging
 import os
 import pickle
 import struct
-import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-
-from ..errors import MergeHooksError
+from ..dtypes import DType
 from ..tensors import TensorSource, TensorSpec
+from .hashing import TrailingHasher
 from .safetensors_io import check_tensor, tensor_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -31,19 +36,169 @@ logger = logging.getLogger(__name__)
 REMAP_AFTER_BYTES = 128 * 2**20
 
 _ZIP_MAGIC = b"PK\x03\x04"
+
+# --- data.pkl ----------------------------------------------------------------------------------------
+
+
+class _Global:
+    """A module attribute as pickle names it (``GLOBAL module name``), without importing the module."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle only accepts callables as reduce functions
+        raise TypeError(f"{self.module}.{self.name} is a placeholder for pickling")
+
+
+@functools.lru_cache(maxsize=None)
+def _global(module: str, name: str) -> _Global:
+    # One object per name, so the pickler memoizes it and refers back to it as torch.save's pickles do.
+    return _Global(module, name)
+
+
+class _Storage:
+    def __init__(self, key: int, spec: TensorSpec):
+        self.key, self.spec = key, spec
+
+
+class _Tensor:
+    """Pickles as torch pickles a contiguous CPU tensor that owns its storage."""
+
+    def __init__(self, storage: _Storage):
+        self.storage = storage
+
+    def __reduce__(self):
+        spec = self.storage.spec
+        stride, step = [], 1
+        for dim in reversed(spec.shape):
+            stride.append(step)
+            step *= dim
+        args = (self.storage, 0, tuple(spec.shape), tuple(reversed(stride)), False, collections.OrderedDict())
+        if spec.dtype.storage_class is not None:
+            return _global("torch._utils", "_rebuild_tensor_v2"), args
+        return _global("torch._utils", "_rebuild_tensor_v3"), (*args, _global("torch", spec.dtype.name))
+
+
+class _TensorPickler(pickle._Pickler):
+    """The pure-Python pickler, taught to write placeholder globals and torch's storage references.
+
+    Written by hand because the standard pickler checks every global by importing its module, which
+    here would import torch: the one thing this writer exists to avoid.
+    """
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def persistent_id(self, obj):
+        if not isinstance(obj, _Storage):
+            return None
+        dtype: DType = obj.spec.dtype
+        if dtype.storage_class is not None:
+            return ("storage", _global("torch", dtype.storage_class), str(obj.key), "cpu", obj.spec.numel)
+        return ("storage", _global("torch.storage", "UntypedStorage"), str(obj.key), "cpu", obj.spec.nbytes)
+
+    def _save_placeholder(self, obj: _Global) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
+        self.memoize(obj)
+
+    dispatch[_Global] = _save_placeholder
+
+
+def pickle_state_dict(specs: list[TensorSpec]) -> bytes:
+    """``data.pkl`` for ``{name: tensor}`` with tensor ``i`` in storage record ``data/i``, as torch.save writes it."""
+    state = {spec.name: _Tensor(_Storage(key, spec)) for key, spec in enumerate(specs)}
+    buffer = io.BytesIO()
+    _TensorPickler(buffer, protocol=2).dump(state)
+    return buffer.getvalue()
+
+
+# --- the zip archive ---------------------------------------------------------------------------------
+
+ALIGNMENT = 64
+_U32_MAX = 0xFFFFFFFF
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
-_LOCAL_HEADER_CRC = 14
 _CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
-_CENTRAL_HEADER_SIGNATURE = 0x02014B50
-_CENTRAL_HEADER_CRC = 16
-_DATA_DESCRIPTOR_SIGNATURE = b"PK\x07\x08"
+_ZIP64_END = struct.Struct("<IQHHIIQQQQ")
+_ZIP64_LOCATOR = struct.Struct("<IIQI")
+_END = struct.Struct("<IHHHHIIH")
 _FLAG_DATA_DESCRIPTOR = 0x08
+_FLAG_UTF8 = 0x800
+_PADDING_ID = b"FB"
 
 
-@dataclass(frozen=True)
-class _StorageRecord:
-    data_offset: int
-    crc_offsets: tuple[int, ...]
+def _zip64_extra(size: int, offset: int, *, local: bool) -> bytes:
+    """miniz's zip64 extra field: the sizes when they overflow 32 bits, then the header offset when it does.
+
+    In a local header, written before the data, miniz records the compressed size as 0.
+    """
+    values = ([size, 0 if local else size] if size >= _U32_MAX else []) + ([offset] if offset >= _U32_MAX else [])
+    return struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
+
+
+class _ArchiveWriter:
+    """Zip records laid out as torch's PyTorchStreamWriter lays them out; written front to back.
+
+    Every record is stored (uncompressed), its data padded to :data:`ALIGNMENT` bytes with an ``FB``
+    extra field and followed by a data descriptor (none for empty records); the end of the archive
+    always has zip64 end records, as miniz writes them for torch.
+    """
+
+    def __init__(self, f, prefix: str):
+        self._f = f
+        self._prefix = prefix
+        self._entries: list[tuple[bytes, int, int, int]] = []
+
+    def write(self, name: str, data) -> int:
+        """Write one record; ``data`` is any bytes-like object. Returns its CRC-32."""
+        name_bytes = f"{self._prefix}/{name}".encode("utf-8")
+        view = memoryview(data).cast("B")
+        offset, size = self._f.tell(), view.nbytes
+        zip64 = _zip64_extra(size, offset, local=True)
+        start = offset + _LOCAL_HEADER.size + len(name_bytes) + len(zip64) + 4
+        padding = -start % ALIGNMENT
+        extra = zip64 + _PADDING_ID + struct.pack("<H", padding) + b"Z" * padding
+        flags = _FLAG_UTF8 | (_FLAG_DATA_DESCRIPTOR if size else 0)
+        self._f.write(_LOCAL_HEADER.pack(0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0, len(name_bytes), len(extra)))
+        self._f.write(name_bytes)
+        self._f.write(extra)
+        self._f.write(view)
+        crc = zlib.crc32(view)
+        if size:
+            wide = offset >= _U32_MAX or size >= _U32_MAX
+            self._f.write(b"PK\x07\x08" + struct.pack("<IQQ" if wide else "<III", crc, size, size))
+        self._entries.append((name_bytes, offset, size, crc))
+        return crc
+
+    def finish(self) -> None:
+        """Write the central directory and the end records."""
+        start = self._f.tell()
+        for name_bytes, offset, size, crc in self._entries:
+            flags = _FLAG_UTF8 | (_FLAG_DATA_DESCRIPTOR if size else 0)
+            zip64 = _zip64_extra(size, offset, local=False)
+            size32 = _U32_MAX if size >= _U32_MAX else size
+            self._f.write(_CENTRAL_HEADER.pack(
+                0x02014B50, 0, 0, flags, 0, 0, 0, crc, size32, size32, len(name_bytes), len(zip64), 0, 0, 0, 0,
+                _U32_MAX if offset >= _U32_MAX else offset,
+            ))
+            self._f.write(name_bytes)
+            self._f.write(zip64)
+        end = self._f.tell()
+        count = len(self._entries)
+        self._f.write(_ZIP64_END.pack(0x06064B50, _ZIP64_END.size - 12, 0x031E, 0x002D, 0, 0, count, count,
+                                      end - start, start))
+        self._f.write(_ZIP64_LOCATOR.pack(0x07064B50, 0, end, 1))
+        self._f.write(_END.pack(0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                                min(end - start, _U32_MAX), min(start, _U32_MAX), 0))
+
+    @property
+    def crcs(self) -> list[int]:
+        return [crc for *_, crc in self._entries]
+
+
+def archive_name(path: str | os.PathLike) -> str:
+    """The folder torch.save puts every record in: the file name without its extension."""
+    return Path(path).name.rsplit(".", 1)[0] if "." in Path(path).name else Path(path).name
 
 
 def write_torch(
@@ -51,22 +206,26 @@ def write_torch(
     source: TensorSource,
     *,
     progress: Optional[Callable[[int], object]] = None,
-) -> None:
+    sha256: bool = False,
+) -> Optional[str]:
     """Write ``source`` as a ``torch.save`` archive of ``{name: tensor}``, one tensor in memory at a time.
 
-    The result is what ``torch.save(dict(...), path)`` would write (one storage per tensor, in
-    order), loadable with ``torch.load(path, weights_only=True)``, with or without ``mmap=True``,
-    and with valid CRC-32 values for zip tools.
+    The result is laid out as ``torch.save(dict(...), path)`` lays it out (one storage per tensor, in
+    order), loads with ``torch.load(path, weights_only=True)``, with or without ``mmap=True``, and has
+    valid CRC-32 values for zip tools. torch is not imported; ``source.get`` may return numpy arrays.
 
     Args:
         path: the file to create (overwritten if it exists).
         source: the tensors to write, in file order.
         progress: called with each tensor's byte count once it is written (e.g. ``tqdm.update``).
+        sha256: also hash the file while writing it (see :class:`~merge_hooks.io.hashing.TrailingHasher`).
+
+    Returns:
+        The file's hex sha256 when ``sha256`` is set, else None.
 
     Raises:
         ValueError: a tensor name repeats, or ``source.get`` returned a tensor whose dtype or
             shape differs from its spec; the message names the tensor.
-        MergeHooksError: this torch lacks ``torch.serialization.skip_data``.
 
     Example:
         >>> source = TensorSource.from_state_dict({"w": torch.ones(2, 3)})
@@ -79,105 +238,43 @@ def write_torch(
     if len(set(names)) != len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"tensor names must be unique; repeated: {repeated}")
-    _write_skeleton(path, specs)
-    records = _storage_records(path, specs)
-    with open(path, "r+b") as f:
-        for spec, record in zip(specs, records):
+    digest = None
+    with open(path, "wb") as f, (TrailingHasher(path) if sha256 else contextlib.nullcontext()) as hasher:
+        archive = _ArchiveWriter(f, archive_name(path))
+        # The small records torch.save writes before the data, in its order.
+        archive.write("data.pkl", pickle_state_dict(specs))
+        archive.write(".format_version", b"1")
+        archive.write(".storage_alignment", str(ALIGNMENT).encode())
+        archive.write("byteorder", b"little")
+        for key, spec in enumerate(specs):
             tensor = source.get(spec.name)
             check_tensor(tensor, spec)
             data = tensor_bytes(tensor)
-            f.seek(record.data_offset)
-            f.write(data)
-            crc = struct.pack("<I", zlib.crc32(data))
+            archive.write(f"data/{key}", data)
             del tensor, data
-            for offset in record.crc_offsets:
-                f.seek(offset)
-                f.write(crc)
+            if hasher is not None:
+                f.flush()
+                hasher.advance(f.tell())
             if progress is not None:
                 progress(spec.nbytes)
+        archive.write("version", b"3\n")
+        archive.write(".data/serialization_id", _serialization_id(names, archive.crcs))
+        archive.finish()
+        if hasher is not None:
+            f.flush()
+            digest = hasher.finish(f.tell())
     logger.debug("wrote %d tensors (%d bytes) to %s", len(specs), source.total_bytes, path)
+    return digest
 
 
-def _write_skeleton(path: str | os.PathLike, specs: list[TensorSpec]) -> None:
-    """Have torch.save write the archive with every storage record sized but left unwritten.
-
-    The placeholders are uninitialised ``torch.empty`` tensors: skip_data never reads them, so their
-    pages are never touched and cost no resident memory (FakeTensorMode would do the same but takes
-    seconds to set up on first use).
-    """
-    skip_data = getattr(torch.serialization, "skip_data", None)
-    if skip_data is None:
-        raise MergeHooksError(
-            f"writing .bin files needs torch.serialization.skip_data, which torch {torch.__version__} lacks; "
-            "upgrade torch (>= 2.5) or write safetensors"
-        )
-    placeholders = {spec.name: torch.empty(spec.shape, dtype=spec.dtype.torch) for spec in specs}
-    with skip_data():
-        torch.save(placeholders, path)
-
-
-def _storage_records(path: str | os.PathLike, specs: list[TensorSpec]) -> list[_StorageRecord]:
-    """Where each storage's bytes go and where its CRC-32 is recorded, in spec order.
-
-    torch names storages "0", "1", ... in the order it pickles them, which is dict order here.
-    """
-    def layout_error(why: str) -> RuntimeError:
-        return RuntimeError(
-            f"torch {torch.__version__} wrote {path} in a layout merge-hooks does not expect ({why}); "
-            "write safetensors instead"
-        )
-
-    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
-        infos = archive.infolist()
-        pickles = [info.filename for info in infos if info.filename.endswith("/data.pkl")]
-        if len(pickles) != 1:
-            raise layout_error("no single data.pkl record")
-        prefix = pickles[0][: -len("data.pkl")]
-        storages = [info for info in infos if info.filename.startswith(f"{prefix}data/")]
-        if len(storages) != len(specs):
-            raise layout_error(f"{len(storages)} storage records for {len(specs)} tensors")
-        central_crcs = _central_crc_offsets(f, archive.start_dir, len(infos))
-
-        records = []
-        for key, spec in enumerate(specs):
-            name = f"{prefix}data/{key}"
-            try:
-                info = archive.getinfo(name)
-            except KeyError:
-                raise layout_error(f"no record {name}") from None
-            if info.file_size != spec.nbytes or info.compress_type != zipfile.ZIP_STORED:
-                raise layout_error(f"record {name} is not {spec.nbytes} stored bytes for {spec.name!r}")
-            f.seek(info.header_offset)
-            fields = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
-            flags, name_length, extra_length = fields[2], fields[9], fields[10]
-            data_offset = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
-            # torch (miniz) leaves the local header's CRC zero and records it in a data descriptor
-            # after the data; only records without one (empty storages) keep it in the header.
-            if flags & _FLAG_DATA_DESCRIPTOR:
-                f.seek(data_offset + info.file_size)
-                if f.read(4) != _DATA_DESCRIPTOR_SIGNATURE:
-                    raise layout_error(f"record {name} has no data descriptor signature")
-                local_crc = data_offset + info.file_size + 4
-            else:
-                local_crc = info.header_offset + _LOCAL_HEADER_CRC
-            records.append(_StorageRecord(data_offset, (local_crc, central_crcs[info.filename])))
-    return records
-
-
-def _central_crc_offsets(f, start: int, count: int) -> dict[str, int]:
-    """File offset of the CRC-32 field of each central directory entry, by record name."""
-    offsets = {}
-    f.seek(start)
-    for _ in range(count):
-        entry = f.tell()
-        fields = _CENTRAL_HEADER.unpack(f.read(_CENTRAL_HEADER.size))
-        if fields[0] != _CENTRAL_HEADER_SIGNATURE:
-            raise RuntimeError(f"corrupt zip central directory at byte {entry} of {f.name}")
-        name_length, extra_length, comment_length = fields[10], fields[11], fields[12]
-        name = f.read(name_length).decode("utf-8")
-        offsets[name] = entry + _CENTRAL_HEADER_CRC
-        f.seek(extra_length + comment_length, os.SEEK_CUR)
-    return offsets
+def _serialization_id(names: list[str], crcs: list[int]) -> bytes:
+    """40 digits naming this archive's contents, as torch writes (its own mixes a hash of the record names
+    and the records' CRCs; only its uniqueness matters)."""
+    combined = 0
+    for crc in crcs:
+        combined = zlib.crc32(struct.pack("<I", crc), combined)
+    names_crc = zlib.crc32("\n".join(names).encode("utf-8"))
+    return f"{names_crc:020d}{combined:020d}".encode()
 
 
 class TorchReader:
@@ -207,6 +304,8 @@ class TorchReader:
         self._read_bytes = 0
 
     def _load(self) -> dict[str, torch.Tensor]:
+        import torch
+
         try:
             if self._mapped:
                 loaded = torch.load(self.path, weights_only=True, mmap=True, map_location="cpu")
@@ -233,6 +332,8 @@ class TorchReader:
 
     def get(self, name: str, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Copy tensor ``name`` into a new, contiguous tensor that owns its memory, or into ``out``."""
+        import torch
+
         try:
             spec = self._specs[name]
         except KeyError:
