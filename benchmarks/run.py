@@ -790,7 +790,8 @@ def render(bench: Bench, versions: dict, command: str) -> str:
         "runs (after the others); every other LM_Cocktail run: once.",
         "- merge-hooks: `python -m merge_hooks merge --model-type T --models ... --weights 1/N ... -o OUT --engine stream "
         "--save-format FMT -q` (the `merge-hooks` console script runs the same `main`). Output dtype `keep`: the inputs' "
-        "dtype (fp32 for BERT-base, bf16 for the decoder).",
+        "dtype (fp32 for BERT-base, bf16 for the decoder). The inputs are safetensors, so merge-hooks merges them on "
+        "numpy arrays and never imports torch, for either format; the floor below does import it.",
         "- LM_Cocktail: `mix_models(paths, T, [1/N]*N, output_path=OUT)` and `mix_models_by_layers(...)` in a process "
         "that imports `LM_Cocktail`. With transformers 4.x, bf16 checkpoints are loaded, merged and written as fp32 "
         "(twice the bytes merge-hooks writes for the decoder); for encoders it also re-saves the folder through "
