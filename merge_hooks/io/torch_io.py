@@ -198,7 +198,7 @@ class _ArchiveWriter:
 
 def archive_name(path: str | os.PathLike) -> str:
     """The folder torch.save puts every record in: the file name without its extension."""
-    return Path(path).name.rsplit(".", 1)[0] if "." in Path(path).name else Path(path).name
+    return Path(path).stem
 
 
 def write_torch(
