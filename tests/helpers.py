@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +15,7 @@ import torch
 from merge_hooks.pipeline import run_recipe
 from merge_hooks.recipe import recipe_from_dict
 
+REPO = Path(__file__).resolve().parents[1]
 FAMILY = {"encoder": "bert-encoder", "reranker": "bert-reranker", "decoder": "llama-decoder"}
 WEIGHTS3 = [0.5, 0.3, 0.2]
 
@@ -70,3 +74,18 @@ def weight_files(folder: Path) -> list[str]:
 def leftovers(parent: Path, name: str) -> list[str]:
     """Anything a run left beside ``name`` (staging folders)."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}"))
+
+
+def merge_in_subprocess(recipe: dict, report: str) -> str:
+    """Run ``recipe`` with run_recipe in a fresh Python, then ``report`` (code that prints); its last line."""
+    code = (
+        "import sys\n"
+        "from merge_hooks.pipeline import run_recipe\n"
+        "from merge_hooks.recipe import recipe_from_dict\n"
+        f"run_recipe(recipe_from_dict({recipe!r}), quiet=True)\n"
+        f"{report}\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import FAMILY, merge
+from helpers import FAMILY, merge, merge_in_subprocess
 from merge_hooks.card import MANIFEST_NAME, hash_files, write_manifest
 from merge_hooks.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = [0.6, 0.4]
 
 
@@ -141,17 +137,9 @@ def test_write_manifest_reuses_hashes_of_unchanged_files(tmp_path, monkeypatch):
 
 def test_stream_merge_with_card_does_not_import_transformers(make_models, tmp_path):
     paths = make_models("bert-reranker", 2)
-    code = (
-        "import sys\n"
-        "from merge_hooks.pipeline import run_recipe\n"
-        "from merge_hooks.recipe import recipe_from_dict\n"
-        f"run_recipe(recipe_from_dict({{'model_type': 'reranker', 'engine': 'stream', 'models': "
-        f"[{{'path': {str(paths[0])!r}, 'weight': 0.5}}, {{'path': {str(paths[1])!r}, 'weight': 0.5}}], "
-        f"'output': {{'path': {str(tmp_path / 'merged')!r}}}}}), quiet=True)\n"
-        "print(sorted(m for m in ('transformers', 'sentence_transformers', 'LM_Cocktail') if m in sys.modules))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    recipe = {"model_type": "reranker", "engine": "stream", "output": {"path": str(tmp_path / "merged")},
+              "models": [{"path": str(paths[0]), "weight": 0.5}, {"path": str(paths[1]), "weight": 0.5}]}
+    imported = merge_in_subprocess(
+        recipe, "print(sorted(m for m in ('transformers', 'sentence_transformers', 'LM_Cocktail') if m in sys.modules))")
+    assert imported == "[]"
     assert f"| transformers | {version('transformers')} |" in (tmp_path / "merged" / "README.md").read_text()

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import merge_in_subprocess
 from merge_hooks import dtypes
 from merge_hooks.engines.stream import _Buffers, _NumpyMath, _TorchMath, stream_merge
 from merge_hooks.preflight import load_inputs
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _float32_cases(n_random: int = 200_000) -> np.ndarray:
     """Random values over the whole exponent range plus the cases rounding gets wrong first."""
@@ -93,19 +88,9 @@ def test_stream_merge_on_arrays_equals_torch(inputs, output, make_models):
 
 
 def _run_merge_and_report_torch(paths, out: Path, save_format: str) -> str:
-    code = (
-        "import sys\n"
-        "from merge_hooks.pipeline import run_recipe\n"
-        "from merge_hooks.recipe import recipe_from_dict\n"
-        f"run_recipe(recipe_from_dict({{'model_type': 'encoder', 'engine': 'stream', 'models': "
-        f"[{{'path': {str(paths[0])!r}, 'weight': 0.5}}, {{'path': {str(paths[1])!r}, 'weight': 0.5}}], "
-        f"'output': {{'path': {str(out)!r}, 'save_format': {save_format!r}}}}}), quiet=True)\n"
-        "print('torch' in sys.modules)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().splitlines()[-1]
+    recipe = {"model_type": "encoder", "engine": "stream", "output": {"path": str(out), "save_format": save_format},
+              "models": [{"path": str(paths[0]), "weight": 0.5}, {"path": str(paths[1]), "weight": 0.5}]}
+    return merge_in_subprocess(recipe, "print('torch' in sys.modules)")
 
 
 def test_merging_safetensors_never_imports_torch(make_models, tmp_path):
