@@ -179,8 +179,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
         # Only LM_Cocktail and the example scoring load models through transformers.
         loads_models = engine == "cocktail" or examples is not None
         with loader_progress_bars(enabled=not (quiet and loads_models)):
-            # bge-m3 heads are merged with torch anyway; otherwise a format taking arrays spares its import.
-            result = _merge(recipe, models, engine, examples, dtype, arrays=fmt.takes_arrays and not m3_heads)
+            result = _merge(recipe, models, engine, examples, dtype, arrays=fmt.takes_arrays)
         try:
             # LM_Cocktail never merges bge-m3's heads, whichever engine ran.
             heads = merge_heads([m.path for m in models], result.weights, dtype=result.dtype) if m3_heads else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from .tensors import TensorSource
 
@@ -43,14 +43,21 @@ def write_sharded(
     *,
     weights_name: str,
     max_shard_size: int,
-    write_file: Callable[[Path, TensorSource], None],
+    write_file: Callable[[Path, TensorSource, bool], Optional[str]],
+    digests: Optional[dict[Path, str]] = None,
 ) -> list[Path]:
-    """Write ``source`` as one file or as shards plus an index; return the paths written."""
+    """Write ``source`` as one file or as shards plus an index; return the paths written.
+
+    ``write_file(path, shard, sha256)`` writes one file and, when ``sha256`` is true, returns its sha256,
+    which is recorded in ``digests`` (when given).
+    """
     plan = plan_shards(source, weights_name=weights_name, max_shard_size=max_shard_size)
     written = []
     for filename, names in plan.items():
         path = directory / filename
-        write_file(path, source.subset(names))
+        digest = write_file(path, source.subset(names), digests is not None)
+        if digests is not None:
+            digests[path] = digest
         written.append(path)
     if len(plan) > 1:
         index = {

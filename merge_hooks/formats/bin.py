@@ -17,13 +17,11 @@ WEIGHTS_NAME = "pytorch_model.bin"
 def _write(source, directory: Path, options: WriteOptions) -> list[Path]:
     from ..io.torch_io import write_torch
 
-    def write_file(path: Path, shard) -> None:
-        digest = write_torch(path, shard, progress=options.progress, sha256=options.digests is not None)
-        if options.digests is not None:
-            options.digests[path] = digest
+    def write_file(path: Path, shard, sha256: bool):
+        return write_torch(path, shard, progress=options.progress, sha256=sha256)
 
     return write_sharded(source, directory, weights_name=WEIGHTS_NAME, max_shard_size=options.max_shard_size,
-                         write_file=write_file)
+                         write_file=write_file, digests=options.digests)
 
 
 FORMAT = OutputFormat(
