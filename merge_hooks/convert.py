@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Optional, Union
 
-from .card import INFO_NAME, MANIFEST_NAME, write_manifest
+from .card import INFO_NAME, MANIFEST_NAME, hash_files, write_manifest
 from .checkpoint import Checkpoint, is_weight_file
 from .engines import output_dtype, written_dtype
 from .errors import MergeHooksError
@@ -24,15 +24,20 @@ from .units import parse_size
 logger = logging.getLogger(__name__)
 
 
-def _refresh_provenance(directory: Path, *, save_format: str, dtype_name: Optional[str]) -> None:
-    """A converted merge output keeps its card, but its merge info and manifest must describe the new files."""
+def _refresh_provenance(
+    directory: Path, *, save_format: str, dtype_name: Optional[str], written: list[Path], digests: dict[Path, str]
+) -> None:
+    """A converted merge output keeps its card, but its merge info and manifest must describe the new files.
+
+    ``digests`` holds the sha256 of the ``written`` weight files the format hashed while writing them.
+    """
     info_path = directory / INFO_NAME
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         info.update(save_format=save_format, dtype=dtype_name)
         info_path.write_text(json.dumps(info, indent=2) + "\n")
     if (directory / MANIFEST_NAME).is_file():
-        write_manifest(directory)
+        write_manifest(directory, hashed=hash_files(written, root=directory, known=digests))
 
 
 def convert(
@@ -67,8 +72,9 @@ def convert(
         tensors = TensorSource(specs=specs, get=lambda name: checkpoint.get(name).to(out_dtypes[name].torch))
         check_disk_space(target.parent, tensors.total_bytes * fmt.size_factor)
         with staged_output(target) as staging:
+            digests: dict[Path, str] = {}
             with byte_progress(tensors.total_bytes * fmt.size_factor, "converting", quiet=quiet) as advance:
-                fmt.write(tensors, staging, WriteOptions(shard_bytes, progress=advance))
+                written = fmt.write(tensors, staging, WriteOptions(shard_bytes, progress=advance, digests=digests))
             for entry in source_dir.iterdir():
                 if entry.name == "config.json" or is_weight_file(entry.name):
                     continue
@@ -78,7 +84,7 @@ def convert(
                     shutil.copy2(entry, staging / entry.name)
             dtype_name = out.name if out is not None else None
             write_config(source_dir, staging, dtype_name=dtype_name)
-            _refresh_provenance(staging, save_format=fmt.name, dtype_name=dtype_name)
+            _refresh_provenance(staging, save_format=fmt.name, dtype_name=dtype_name, written=written, digests=digests)
     files = folder_listing(target)
     return MergeResult(output=target, files=files, weights=[], engine="convert", save_format=fmt.name,
                        dtype=dtype_name)

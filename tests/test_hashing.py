@@ -73,3 +73,23 @@ def test_merge_does_not_read_its_weight_files_again_for_the_manifest(save_format
     assert set(weight_files) <= set(manifest)
     for name, entry in manifest.items():
         assert entry["sha256"] == _sha256(out / name) and entry["size"] == (out / name).stat().st_size, name
+
+
+def test_convert_does_not_read_its_weight_files_again_for_the_manifest(make_models, tmp_path, monkeypatch):
+    import json
+
+    import merge_hooks.card as card
+    from merge_hooks.convert import convert
+
+    merged, converted = tmp_path / "merged", tmp_path / "converted"
+    merge(make_models("bert-encoder", 2), "encoder", merged, weights=[0.5, 0.5])
+    read = []
+    real = card.sha256_file
+    monkeypatch.setattr(card, "sha256_file", lambda path: read.append(Path(path).name) or real(path))
+    convert(merged, converted, save_format="bin", max_shard_size="20KB", quiet=True)
+    weight_files = sorted(p.name for p in converted.iterdir() if p.suffix == ".bin")
+    assert len(weight_files) > 1 and not set(weight_files) & set(read)
+    manifest = json.loads((converted / "merge_manifest.json").read_text())["files"]
+    assert "model.safetensors" not in manifest
+    for name in weight_files:
+        assert manifest[name]["sha256"] == _sha256(converted / name)
