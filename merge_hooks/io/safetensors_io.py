@@ -3,8 +3,8 @@
 The format is an 8-byte little-endian header length, a JSON header (dtype, shape and byte range
 of every tensor, plus optional ``__metadata__``), then the raw little-endian tensor bytes.
 
-Nothing here imports torch unless torch tensors are asked for: a merge of safetensors files into
-safetensors runs on numpy arrays and skips torch's import.
+Nothing here imports torch unless torch tensors are asked for: a merge of safetensors files runs on
+numpy arrays and skips torch's import.
 """
 
 from __future__ import annotations
@@ -172,7 +172,9 @@ class SafetensorsReader:
         if out is None:
             out = np.empty(spec.shape, dtype=spec.dtype.storage)
         elif out.dtype != spec.dtype.storage or out.shape != spec.shape or not out.flags.c_contiguous:
-            raise ValueError(f"buffer for {name!r} must be a C-contiguous {spec.dtype.storage} array of shape {list(spec.shape)}")
+            raise ValueError(
+                f"buffer for {name!r} must be a C-contiguous {spec.dtype.storage} array of shape {list(spec.shape)}"
+            )
         self._read_into(name, memoryview(out.reshape(-1).view(np.uint8)))
         return out
 
