@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from merge_hooks.dtypes import BY_CODE
 from merge_hooks.pipeline import run_recipe
 from merge_hooks.recipe import recipe_from_dict
 
@@ -89,3 +90,61 @@ def merge_in_subprocess(recipe: dict, report: str) -> str:
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()[-1]
+
+
+# safetensors code -> torch dtype, for the dtypes this torch build has.
+TORCH_DTYPES = {d.code: getattr(torch, d.name) for d in BY_CODE.values() if hasattr(torch, d.name)}
+
+
+def random_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape) > 0.5
+    if dtype.is_complex:
+        return torch.randn(shape, dtype=dtype)
+    if dtype.is_floating_point:
+        return (torch.randn(shape) * 4).to(dtype)
+    return torch.randint(0, 120, shape).to(dtype)
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def all_dtypes_state_dict() -> dict[str, torch.Tensor]:
+    """A matrix, an odd-length vector, a scalar and an empty tensor of every dtype (seeded)."""
+    torch.manual_seed(0)
+    tensors = {}
+    for code, dtype in TORCH_DTYPES.items():
+        tensors[f"{code}.matrix"] = random_tensor(dtype, (3, 5))
+        tensors[f"{code}.odd"] = random_tensor(dtype, (7,))
+        tensors[f"{code}.scalar"] = random_tensor(dtype, ())
+        tensors[f"{code}.empty"] = random_tensor(dtype, (0, 4))
+    return tensors
+
+
+def assert_same_bits(loaded: dict, expected: dict, *, ordered: bool = False) -> None:
+    """Same names (in the same order when ``ordered``), dtypes, shapes and bytes."""
+    assert (list(loaded) == list(expected)) if ordered else (set(loaded) == set(expected))
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype, name
+        assert loaded[name].shape == tensor.shape, name
+        assert torch.equal(bits(loaded[name]), bits(tensor)), name
+
+
+# Prepended to the scripts run_peak_mb_script runs; they print peak_mb() differences.
+PEAK_MB_CODE = """
+def peak_mb():
+    # Not ru_maxrss: Linux carries the spawning process's peak across exec, so under pytest it
+    # would start at pytest's own peak and hide anything smaller. VmHWM starts fresh at exec.
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+"""
+
+
+def run_peak_mb_script(script: str, *args: str) -> float:
+    """Run ``script`` (which may call ``peak_mb()``) in a fresh Python and return the number it prints."""
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MB_CODE + script, *map(str, args)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True,
+    )
+    return float(result.stdout.strip())

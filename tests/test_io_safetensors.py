@@ -1,10 +1,7 @@
 """merge_hooks.io.safetensors_io: the header parser, the pread reader and the streaming writer."""
 
 import json
-import os
 import struct
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -13,71 +10,34 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from helpers import TORCH_DTYPES, all_dtypes_state_dict, assert_same_bits, bits, run_peak_mb_script
 from merge_hooks.io.safetensors_io import (
     SafetensorsReader,
     read_safetensors_header,
     write_safetensors,
 )
-from merge_hooks.dtypes import BY_CODE
 from merge_hooks.tensors import TensorSource, TensorSpec
 
-# safetensors code -> torch dtype, for the dtypes this torch build has.
-DTYPES = {d.code: getattr(torch, d.name) for d in BY_CODE.values() if hasattr(torch, d.name)}
-
-REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
-
-
-def _random(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if dtype == torch.bool:
-        return torch.rand(shape) > 0.5
-    if dtype.is_complex:
-        return torch.randn(shape, dtype=dtype)
-    if dtype.is_floating_point:
-        return (torch.randn(shape) * 4).to(dtype)
-    return torch.randint(0, 120, shape).to(dtype)
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1).view(torch.uint8)
-
-
-def _all_dtypes_state_dict() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    tensors = {}
-    for code, dtype in DTYPES.items():
-        tensors[f"{code}.matrix"] = _random(dtype, (3, 5))
-        tensors[f"{code}.odd"] = _random(dtype, (7,))
-        tensors[f"{code}.scalar"] = _random(dtype, ())
-        tensors[f"{code}.empty"] = _random(dtype, (0, 4))
-    return tensors
-
-
-def _assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert set(loaded) == set(expected)
-    for name, tensor in expected.items():
-        assert loaded[name].dtype == tensor.dtype, name
-        assert loaded[name].shape == tensor.shape, name
-        assert torch.equal(_bits(loaded[name]), _bits(tensor)), name
 
 
 def test_dtype_table_covers_what_safetensors_supports():
     for code in ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"):
-        assert code in DTYPES
-    assert DTYPES["BF16"] is torch.bfloat16 and DTYPES["F8_E4M3"] is torch.float8_e4m3fn
+        assert code in TORCH_DTYPES
+    assert TORCH_DTYPES["BF16"] is torch.bfloat16 and TORCH_DTYPES["F8_E4M3"] is torch.float8_e4m3fn
 
 
 def test_write_matches_save_file_for_every_dtype(tmp_path):
-    tensors = _all_dtypes_state_dict()
+    tensors = all_dtypes_state_dict()
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
     write_safetensors(ours, TensorSource.from_state_dict(tensors), metadata={"merged_by": "test"})
     save_file(tensors, theirs, metadata={"format": "pt", "merged_by": "test"})
 
-    _assert_same(load_file(ours), load_file(theirs))
-    _assert_same(load_file(ours), tensors)
+    assert_same_bits(load_file(ours), load_file(theirs))
+    assert_same_bits(load_file(ours), tensors)
     with safe_open(ours, framework="pt") as f, safe_open(theirs, framework="pt") as g:
         assert f.metadata() == g.metadata() == {"format": "pt", "merged_by": "test"}
-        _assert_same({k: f.get_tensor(k) for k in f.keys()}, {k: g.get_tensor(k) for k in g.keys()})
+        assert_same_bits({k: f.get_tensor(k) for k in f.keys()}, {k: g.get_tensor(k) for k in g.keys()})
 
 
 def test_written_header_layout(tmp_path):
@@ -109,7 +69,7 @@ def test_read_header_of_library_file(tmp_path):
     starts = [ranges[name][0] for name in specs]
     assert starts == sorted(starts), "specs must follow the data order"
     for name, (start, end) in ranges.items():
-        assert raw[start:end] == bytes(_bits(tensors[name]).numpy())
+        assert raw[start:end] == bytes(bits(tensors[name]).numpy())
 
 
 def _corrupt_header_files(tmp_path: Path) -> dict[str, Path]:
@@ -156,7 +116,7 @@ def test_corrupt_header_raises_naming_the_file(tmp_path, variant):
 
 def test_reader_returns_owned_equal_tensors(tmp_path):
     path = tmp_path / "model.safetensors"
-    tensors = _all_dtypes_state_dict()
+    tensors = all_dtypes_state_dict()
     save_file(tensors, path, metadata={"format": "pt"})
     expected = load_file(path)
 
@@ -164,7 +124,7 @@ def test_reader_returns_owned_equal_tensors(tmp_path):
         assert reader.metadata == {"format": "pt"}
         assert sorted(reader.keys()) == sorted(tensors)
         assert [spec.name for spec in reader.specs] == reader.keys()
-        _assert_same({name: reader.get(name) for name in reader.keys()}, expected)
+        assert_same_bits({name: reader.get(name) for name in reader.keys()}, expected)
 
         first = reader.get("F32.matrix")
         assert first.untyped_storage().nbytes() == first.nbytes
@@ -176,11 +136,11 @@ def test_reader_returns_owned_equal_tensors(tmp_path):
 
 def test_reader_reads_what_writer_wrote(tmp_path):
     path = tmp_path / "model.safetensors"
-    tensors = _all_dtypes_state_dict()
+    tensors = all_dtypes_state_dict()
     write_safetensors(path, TensorSource.from_state_dict(tensors))
     with SafetensorsReader(path) as reader:
         assert reader.keys() == list(tensors)
-        _assert_same({name: reader.get(name) for name in reader.keys()}, tensors)
+        assert_same_bits({name: reader.get(name) for name in reader.keys()}, tensors)
 
 
 @pytest.mark.parametrize(
@@ -231,12 +191,6 @@ import sys, torch
 from merge_hooks.io.safetensors_io import SafetensorsReader, write_safetensors
 from merge_hooks.tensors import TensorSource, TensorSpec
 
-def peak_mb():
-    # Not ru_maxrss: Linux carries the spawning process's peak across exec, so under pytest it
-    # would start at pytest's own peak and hide anything smaller. VmHWM starts fresh at exec.
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-
 n = 50 * 2**20 // 4
 specs = [TensorSpec(f"t{i}", torch.float32, (n,)) for i in range(6)]
 source = TensorSource(specs, lambda name: torch.full((n,), float(name[1:])))
@@ -254,27 +208,15 @@ print(peak_mb() - base)
 """
 
 
-def _peak_rss_above_baseline_mb(mode: str, path: Path) -> float:
-    result = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, mode, str(path)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return float(result.stdout.strip())
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for peak RSS")
 def test_write_and_read_memory_stay_near_one_tensor(tmp_path):
     path = tmp_path / "big.safetensors"
-    written = _peak_rss_above_baseline_mb("write", path)
+    written = run_peak_mb_script(_MEMORY_SCRIPT, "write", path)
     assert path.stat().st_size > 300 * MB
     with safe_open(path, framework="pt") as f:
         assert f.get_slice("t5")[-3:].tolist() == [5.0, 5.0, 5.0]
     # Six 50 MB tensors: holding them all would be 300 MB; streaming needs about one.
     assert written < 3 * 50 + 100, f"writer peak RSS {written:.0f} MB above baseline"
 
-    read = _peak_rss_above_baseline_mb("read", path)
+    read = run_peak_mb_script(_MEMORY_SCRIPT, "read", path)
     assert read < 2 * 50 + 100, f"reader peak RSS {read:.0f} MB above baseline"

@@ -12,49 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import all_dtypes_state_dict, assert_same_bits, bits, run_peak_mb_script
+
 import merge_hooks.io.torch_io as torch_io
 from merge_hooks.io.torch_io import TorchReader, write_torch
-from merge_hooks.dtypes import BY_CODE
 from merge_hooks.tensors import TensorSource, TensorSpec
-
-# safetensors code -> torch dtype, for the dtypes this torch build has.
-DTYPES = {d.code: getattr(torch, d.name) for d in BY_CODE.values() if hasattr(torch, d.name)}
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
-
-
-def _random(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if dtype == torch.bool:
-        return torch.rand(shape) > 0.5
-    if dtype.is_complex:
-        return torch.randn(shape, dtype=dtype)
-    if dtype.is_floating_point:
-        return (torch.randn(shape) * 4).to(dtype)
-    return torch.randint(0, 120, shape).to(dtype)
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1).view(torch.uint8)
-
-
-def _all_dtypes_state_dict() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    tensors = {}
-    for code, dtype in DTYPES.items():
-        tensors[f"{code}.matrix"] = _random(dtype, (3, 5))
-        tensors[f"{code}.odd"] = _random(dtype, (7,))
-        tensors[f"{code}.scalar"] = _random(dtype, ())
-        tensors[f"{code}.empty"] = _random(dtype, (0, 4))
-    return tensors
-
-
-def _assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert list(loaded) == list(expected)
-    for name, tensor in expected.items():
-        assert loaded[name].dtype == tensor.dtype, name
-        assert loaded[name].shape == tensor.shape, name
-        assert torch.equal(_bits(loaded[name]), _bits(tensor)), name
 
 
 def _data_records(path: Path) -> dict[str, tuple[int, int, int]]:
@@ -79,21 +44,21 @@ def _data_records(path: Path) -> dict[str, tuple[int, int, int]]:
 
 @pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
 def test_write_matches_torch_save_for_every_dtype(tmp_path, mmap):
-    tensors = _all_dtypes_state_dict()
+    tensors = all_dtypes_state_dict()
     ours, theirs = tmp_path / "ours.bin", tmp_path / "theirs.bin"
     write_torch(ours, TensorSource.from_state_dict(tensors))
     torch.save(tensors, theirs)
 
     loaded = torch.load(ours, weights_only=True, mmap=mmap)
-    _assert_same(loaded, torch.load(theirs, weights_only=True, mmap=mmap))
-    _assert_same(loaded, tensors)
+    assert_same_bits(loaded, torch.load(theirs, weights_only=True, mmap=mmap), ordered=True)
+    assert_same_bits(loaded, tensors, ordered=True)
     assert len({t.untyped_storage().data_ptr() for t in loaded.values() if t.numel()}) == sum(
         1 for t in tensors.values() if t.numel()
     ), "one storage per tensor"
 
 
 def test_archive_crcs_and_alignment(tmp_path):
-    tensors = _all_dtypes_state_dict()
+    tensors = all_dtypes_state_dict()
     path = tmp_path / "pytorch_model.bin"
     write_torch(path, TensorSource.from_state_dict(tensors))
 
@@ -106,7 +71,7 @@ def test_archive_crcs_and_alignment(tmp_path):
         assert name in names
         data_offset, local_crc, central_crc = records[name]
         assert data_offset % 64 == 0
-        assert local_crc == central_crc == zlib.crc32(bytes(_bits(tensor).numpy())), name
+        assert local_crc == central_crc == zlib.crc32(bytes(bits(tensor).numpy())), name
     for name, (_, local_crc, central_crc) in records.items():
         assert local_crc == central_crc, name
 
@@ -173,7 +138,7 @@ def test_reader_reads_torch_save_files(tmp_path):
 
 
 def test_reader_remaps_and_stays_correct(tmp_path, monkeypatch):
-    tensors = _all_dtypes_state_dict()
+    tensors = all_dtypes_state_dict()
     path = tmp_path / "pytorch_model.bin"
     write_torch(path, TensorSource.from_state_dict(tensors))
     loads = []
@@ -186,7 +151,7 @@ def test_reader_remaps_and_stays_correct(tmp_path, monkeypatch):
     monkeypatch.setattr(torch_io, "REMAP_AFTER_BYTES", 40)
     monkeypatch.setattr(torch, "load", counting_load)
     with TorchReader(path) as reader:
-        _assert_same({name: reader.get(name) for name in reader.keys()}, tensors)
+        assert_same_bits({name: reader.get(name) for name in reader.keys()}, tensors, ordered=True)
     assert len(loads) > 3
     assert all(kw == {"weights_only": True, "mmap": True, "map_location": "cpu"} for kw in loads)
 
@@ -197,7 +162,7 @@ def test_reader_handles_legacy_files(tmp_path):
     torch.save(tensors, path, _use_new_zipfile_serialization=False)
     assert not zipfile.is_zipfile(path)
     with TorchReader(path) as reader:
-        _assert_same({name: reader.get(name) for name in reader.keys()}, tensors)
+        assert_same_bits({name: reader.get(name) for name in reader.keys()}, tensors, ordered=True)
 
 
 class _NotATensor:
@@ -220,23 +185,13 @@ import sys, torch
 from merge_hooks.io.torch_io import TorchReader, write_torch
 from merge_hooks.tensors import TensorSource, TensorSpec
 
-def peak_mb():
-    # Not ru_maxrss: Linux carries the spawning process's peak across exec, so under pytest it
-    # would start at pytest's own peak and hide anything smaller. VmHWM starts fresh at exec.
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-
 n = 50 * 2**20 // 4
 specs = [TensorSpec(f"t{i}", torch.float32, (n,)) for i in range(6)]
 source = TensorSource(specs, lambda name: torch.full((n,), float(name[1:])))
+base = peak_mb()
 if sys.argv[1] == "write":
-    # The first write sets up torch's fake-tensor machinery once, whatever the file size.
-    tiny = TensorSource([TensorSpec("w", torch.float32, (1,))], lambda name: torch.zeros(1))
-    write_torch(sys.argv[2] + ".warmup", tiny)
-    base = peak_mb()
     write_torch(sys.argv[2], source)
 else:
-    base = peak_mb()
     with TorchReader(sys.argv[2]) as reader:
         for spec in reader.specs:
             tensor = reader.get(spec.name)
@@ -247,22 +202,10 @@ print(peak_mb() - base)
 """
 
 
-def _peak_rss_above_baseline_mb(mode: str, path: Path) -> float:
-    result = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, mode, str(path)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return float(result.stdout.strip())
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for peak RSS")
 def test_write_and_read_memory_stay_near_one_tensor(tmp_path):
     path = tmp_path / "pytorch_model.bin"
-    written = _peak_rss_above_baseline_mb("write", path)
+    written = run_peak_mb_script(_MEMORY_SCRIPT, "write", path)
     assert path.stat().st_size > 300 * MB
     with zipfile.ZipFile(path) as archive:
         assert archive.testzip() is None
@@ -272,7 +215,7 @@ def test_write_and_read_memory_stay_near_one_tensor(tmp_path):
     # Six 50 MB tensors: holding them all would be 300 MB; streaming needs about one.
     assert written < 3 * 50 + 100, f"writer peak RSS {written:.0f} MB above baseline"
 
-    read = _peak_rss_above_baseline_mb("read", path)
+    read = run_peak_mb_script(_MEMORY_SCRIPT, "read", path)
     # Without re-mapping, every page read stays resident: 300 MB mapped plus the copy.
     assert read < 2 * 50 + 150, f"reader peak RSS {read:.0f} MB above baseline"
 
@@ -292,7 +235,7 @@ def _without_serialization_id(path: Path) -> bytes:
 
 def test_archive_is_byte_for_byte_what_torch_save_writes(tmp_path):
     """Record names, order, headers, padding, descriptors, pickle, central directory: all torch's bytes."""
-    tensors = _all_dtypes_state_dict()
+    tensors = all_dtypes_state_dict()
     tensors["transposed"] = torch.randn(4, 3).t().contiguous()
     (tmp_path / "ours").mkdir()
     ours, theirs = tmp_path / "ours" / "pytorch_model.bin", tmp_path / "pytorch_model.bin"
