@@ -82,6 +82,8 @@ class MergeInfo:
     save_format: str
     dtype: Optional[str]
     m3_heads: bool = False
+    # Per model, the LoRA adapters merged into it first (see merge_hooks.adapters.Adapter.describe).
+    adapters: list[list[dict]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=installed_versions)
 
     @classmethod
@@ -151,6 +153,22 @@ def _load_snippet(info: MergeInfo, location: str) -> str:
     return "\n".join(lines)
 
 
+def _adapter_lines(info: MergeInfo) -> list[str]:
+    lines = []
+    for model, adapters in zip(info.models, info.adapters):
+        for adapter in adapters:
+            scaling = ", ".join(
+                f"r={s['r']} alpha={s['lora_alpha']:g} scaling={s['scaling']:.6g}" for s in adapter["scaling"]
+            )
+            variant = "".join([", rsLoRA" if adapter["use_rslora"] else "", ", DoRA" if adapter["use_dora"] else ""])
+            extra = ", resized embedding from embedding/emb.pth" if adapter["resized_embedding"] else ""
+            lines.append(
+                f"- LoRA adapter `{adapter['adapter']}` merged into `{model}` first (as peft's merge_and_unload): "
+                f"{adapter['modules']} modules, {scaling}{variant}{extra}"
+            )
+    return lines
+
+
 def render_card(info: MergeInfo, recipe: "Recipe", *, location: str) -> str:
     """The ``README.md`` of a merged folder: YAML front matter, then a description of the merge.
 
@@ -183,6 +201,7 @@ def render_card(info: MergeInfo, recipe: "Recipe", *, location: str) -> str:
             f"- bge-m3 heads: {' and '.join(f'`{h}`' for h in HEAD_FILES)} merged with the same weights "
             "(LM_Cocktail alone leaves them out, and FlagEmbedding would then initialise them randomly)"
         )
+    details += _adapter_lines(info)
     versions = "\n".join(f"| {package} | {ver} |" for package, ver in info.versions.items())
     metadata = yaml.safe_dump(front_matter(info), sort_keys=False, allow_unicode=True)
     return f"""---

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("recipe", nargs="?", type=Path, help="YAML merge recipe (see configs/)")
     merge.add_argument("--model-type", choices=("encoder", "reranker", "decoder"))
     merge.add_argument("--method", choices=("mix_models", "mix_models_with_data", "mix_models_by_layers"))
-    merge.add_argument("--models", nargs="+", metavar="PATH", help="model folders or cached hub ids, in order")
+    merge.add_argument("--models", nargs="+", metavar="PATH", help="model folders or cached hub ids, in order; BASE+ADAPTER merges a LoRA adapter into BASE first")
     merge.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model, summing to 1")
     merge.add_argument("--examples", type=Path, help="JSON lines examples for mix_models_with_data")
     merge.add_argument("-o", "--output", type=Path, help="output folder")
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_from_args(args: argparse.Namespace):
-    from .recipe import apply_overrides, load_recipe, recipe_from_dict
+    from .recipe import apply_overrides, load_recipe, model_entry_from_arg, recipe_from_dict
 
     overrides = {
         "model_type": args.model_type,
@@ -103,7 +103,7 @@ def _recipe_from_args(args: argparse.Namespace):
         if weights is not None and len(weights) != len(models):
             raise MergeHooksError(f"got {len(models)} models but {len(weights)} weights; give one weight per model")
         overrides["models"] = [
-            {"path": p} if weights is None else {"path": p, "weight": w} for p, w in zip(models, weights or models)
+            model_entry_from_arg(p) | ({} if weights is None else {"weight": w}) for p, w in zip(models, weights or models)
         ]
     if args.recipe is not None:
         return load_recipe(args.recipe, overrides=overrides)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .adapters import adapter_provenance, adapter_requests, write_adapter_sidecars
 from .card import MergeInfo, hash_files, write_manifest, write_provenance
 from .engines import EngineResult, output_dtype, written_dtype
 from .errors import MergeHooksError
@@ -94,6 +95,8 @@ def choose_engine(recipe: Recipe, models: list[InputModel]) -> str:
     """``auto`` streams unless a model brings custom code, whose weights only its own classes know."""
     if recipe.engine != "auto":
         return recipe.engine
+    if any(m.adapters for m in recipe.models):
+        return "stream"  # only the stream engine merges adapters; a model with custom code streams too
     if any("auto_map" in m.config for m in models):
         return "cocktail"
     return "stream"
@@ -162,7 +165,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
     """
     fmt = get_format(recipe.output.save_format)
     target = check_output(recipe.output.path, overwrite=overwrite)
-    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code)
+    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, adapters=adapter_requests(recipe))
     try:
         check_output(target, overwrite=overwrite, inputs=tuple(m.path for m in models))
         examples = None
@@ -192,6 +195,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
                 save_format=fmt.name,
                 dtype=_dtype_name(result.dtype),
                 m3_heads=m3_heads,
+                adapters=adapter_provenance(models),
             )
             with staged_output(target) as staging:
                 digests: dict[Path, str] = {}
@@ -208,6 +212,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
                     dtype_name=_dtype_name(result.dtype),
                     architectures=result.architectures,
                 )
+                write_adapter_sidecars(first.checkpoint, staging)
                 if heads is not None:
                     write_heads(staging, heads)
                 write_provenance(staging, info, recipe, location=str(target))

@@ -8,12 +8,15 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .checkpoint import Checkpoint
 from .errors import MergeHooksError
 from .heads import check_heads
 from .units import format_size
+
+if TYPE_CHECKING:
+    from .adapters import AdapterRequest
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,15 @@ def read_config(path: Path, spec: str) -> dict:
         return json.loads(config_path.read_text())
     except ValueError as exc:
         raise MergeHooksError(f"{config_path} is not valid JSON: {exc}") from None
+
+
+def check_quantized(config: dict, spec: str) -> None:
+    """An adapter is merged into full-precision weights only (peft merges into dequantized ones, then re-quantizes)."""
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise MergeHooksError(
+            f"model {spec!r} is a {method} quantized model; adapters are merged into unquantized bases only"
+        )
 
 
 def check_remote_code(models: list[InputModel], *, trust_remote_code: bool) -> None:
@@ -134,14 +146,24 @@ def check_same_architecture(models: list[InputModel]) -> None:
                 )
 
 
-def load_inputs(specs: list[str], *, trust_remote_code: bool) -> list[InputModel]:
-    """Resolve, read and cross-check every input model (tensors and bge-m3 heads); nothing heavy is loaded."""
+def load_inputs(
+    specs: list[str], *, trust_remote_code: bool, adapters: Optional[list["AdapterRequest"]] = None
+) -> list[InputModel]:
+    """Resolve, read and cross-check every input model (tensors and bge-m3 heads); nothing heavy is loaded.
+
+    ``adapters`` (one request per model, see :func:`merge_hooks.adapters.adapter_requests`) puts LoRA
+    adapters in front of a model's checkpoint, so that every later check sees the merged tensors.
+    """
     models = []
-    for spec in specs:
-        path = resolve_model_path(spec)
-        config = read_config(path, spec)
-        models.append(InputModel(spec=spec, path=path, config=config, checkpoint=Checkpoint(path)))
     try:
+        for i, spec in enumerate(specs):
+            path = resolve_model_path(spec)
+            config = read_config(path, spec)
+            checkpoint = Checkpoint(path)
+            models.append(InputModel(spec=spec, path=path, config=config, checkpoint=checkpoint))
+            if adapters and adapters[i].folders:
+                check_quantized(config, spec)
+                models[-1].checkpoint = adapters[i].attach(checkpoint, base_spec=spec)
         check_remote_code(models, trust_remote_code=trust_remote_code)
         check_same_architecture(models)
         check_heads(models)

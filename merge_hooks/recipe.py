@@ -40,10 +40,30 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
-    """One input model: a local folder or a hub id found in the local Hugging Face cache."""
+    """One input model: a local folder or a hub id found in the local Hugging Face cache.
+
+    ``adapter``: a peft LoRA adapter folder (or a list, merged in order) to merge into the model first;
+    ``allow_base_mismatch``: only warn when the adapter records a different base model.
+    """
 
     path: str = Field(min_length=1)
     weight: Optional[float] = None
+    adapter: Optional[Union[str, list[str]]] = None
+    allow_base_mismatch: bool = False
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_paths(cls, value: Optional[Union[str, list[str]]]) -> Optional[Union[str, list[str]]]:
+        if value is not None and (value == [] or any(not a for a in ([value] if isinstance(value, str) else value))):
+            raise ValueError("adapter must be a folder or a non-empty list of folders")
+        return value
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapter folders, in the order they are merged."""
+        if self.adapter is None:
+            return []
+        return [self.adapter] if isinstance(self.adapter, str) else list(self.adapter)
 
     @field_validator("weight")
     @classmethod
@@ -98,8 +118,15 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
-        if len(self.models) < 2:
-            raise ValueError(f"a merge needs at least two models, got {len(self.models)}")
+        adapted = any(m.adapter is not None for m in self.models)
+        if len(self.models) < 2 and not (len(self.models) == 1 and adapted):
+            raise ValueError(
+                f"a merge needs at least two models, got {len(self.models)} (one model is allowed with an adapter)"
+            )
+        if adapted and self.engine == "cocktail":
+            raise ValueError("adapters are merged by the stream engine; use engine auto or stream")
+        if adapted and self.method == "mix_models_with_data":
+            raise ValueError("adapters are not supported with mix_models_with_data; merge the adapter first")
         weights = [m.weight for m in self.models]
         if self.method == "mix_models_with_data":
             if self.model_type == "reranker":
@@ -130,6 +157,21 @@ class Recipe(_Strict):
     def to_yaml(self) -> str:
         """The recipe as YAML, as written beside the merged model."""
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def model_entry_from_arg(spec: str) -> dict[str, Any]:
+    """A model entry from a command-line model: ``BASE`` or ``BASE+ADAPTER[+ADAPTER...]`` (mergekit's convention).
+
+    Example:
+        >>> model_entry_from_arg("./base+./lora-out")
+        {'path': './base', 'adapter': './lora-out'}
+    """
+    from .adapters import split_model_spec
+
+    base, adapters = split_model_spec(spec)
+    if not adapters:
+        return {"path": base}
+    return {"path": base, "adapter": adapters[0] if len(adapters) == 1 else adapters}
 
 
 def _describe(error: ValidationError, source: str) -> str:

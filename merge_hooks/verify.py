@@ -472,7 +472,9 @@ def _check_against(folder: Path, recipe: "Recipe", report: VerifyReport) -> None
     weights = _recorded_weights(folder, recipe, report)
     if weights is None:
         return
-    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code)
+    from .adapters import adapted_names, adapter_requests
+
+    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, adapters=adapter_requests(recipe))
     result = stream_merge(models, weights, dtype=output_dtype(recipe.output.dtype, models[0].checkpoint.dtype))
     problems = []
     try:
@@ -488,6 +490,7 @@ def _check_against(folder: Path, recipe: "Recipe", report: VerifyReport) -> None
             if missing:
                 problems.append(f"tensor {missing[0]!r} of the recipe's merge is missing from the folder")
             sample = sample_names([merged.specs[n] for n in names])
+            sample += [n for n in adapted_names(models, names) if n not in sample]
             for name in sample:
                 expected, actual = result.source.get(names[name]), merged.get(name)
                 if not _same_bits(actual, expected):
@@ -498,7 +501,7 @@ def _check_against(folder: Path, recipe: "Recipe", report: VerifyReport) -> None
                         f"tensor {name!r} differs from the recipe's merge ({actual.dtype} {list(actual.shape)} vs "
                         f"{expected.dtype} {list(expected.shape)}{diff})"
                     )
-        compared = f"{len(sample)} sampled tensors"
+        compared = f"{len(sample)} sampled tensors" + (" (with the adapter deltas)" if adapted_names(models, names) else "")
         if heads_present(models[0].path):
             heads = merge_heads([m.path for m in models], weights, dtype=result.dtype)
             for name, expected_head in heads.items():

@@ -1,0 +1,354 @@
+"""LoRA adapters as merge inputs: every supported variant equals peft's own merge_and_unload bit for bit.
+
+Adapters are made by peft itself (``get_peft_model`` on the tiny models of ``builders``, every LoRA tensor
+randomised so that each delta is non-zero, ``save_pretrained``); the reference is
+``PeftModel.from_pretrained(base, adapter).merge_and_unload()`` on the base loaded in the dtype compared.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import assert_same_bits, leftovers
+from merge_hooks.cli import main
+from merge_hooks.pipeline import run_recipe
+from merge_hooks.recipe import recipe_from_dict
+
+ADDED_TOKENS = ["<instruct>", "<query>", "<response>"]
+
+
+def _randomise_adapter(model, seed: int) -> None:
+    """peft starts B (or the embedding's A) at zero; give every adapter tensor values so deltas are non-zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1 + ("magnitude" in name))
+
+
+def make_adapter(base: Path, out: Path, *, seed: int = 0, auto_class=None, resize: int = 0, **lora) -> Path:
+    """A peft LoRA adapter for ``base`` saved in ``out`` (with FlagEmbedding's emb.pth when ``resize``)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(str(base), dtype=torch.float32)
+    if resize:
+        # FlagEmbedding's get_model: resize for the added tokens, save the embedding module as embedding/emb.pth.
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        tokenizer.add_special_tokens({"additional_special_tokens": ADDED_TOKENS})
+        model.resize_token_embeddings(len(tokenizer))
+        with torch.no_grad():
+            model.get_input_embeddings().weight[-resize:].normal_(generator=torch.Generator().manual_seed(seed + 99))
+        (out / "embedding").mkdir(parents=True)
+        torch.save(model.get_input_embeddings(), out / "embedding" / "emb.pth")
+        tokenizer.save_pretrained(str(out))
+    peft_model = get_peft_model(model, LoraConfig(**lora))
+    _randomise_adapter(peft_model, seed)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def peft_merged(base: Path, adapters: list[Path], *, dtype: torch.dtype, auto_class=None, emb: Path | None = None) -> dict:
+    """peft's merge_and_unload of ``adapters`` in turn (as FlagEmbedding's raw_peft), base loaded in ``dtype``;
+    FlagEmbedding's ``emb.pth`` (``emb``, or the adapter's own) set as input embedding first."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = (auto_class or AutoModelForCausalLM).from_pretrained(str(base), dtype=dtype)
+    for adapter in adapters:
+        emb = emb or adapter / "embedding" / "emb.pth"
+        if emb.is_file():
+            with torch.serialization.safe_globals([torch.nn.Embedding]):
+                model.set_input_embeddings(torch.load(emb, weights_only=True).to(dtype))
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def merge_adapter(base: Path, adapters: list[Path], out: Path, *, dtype: str = "keep", **entry) -> dict:
+    adapter = [str(a) for a in adapters]
+    recipe = recipe_from_dict({
+        "model_type": "decoder",
+        "models": [{"path": str(base), "adapter": adapter[0] if len(adapter) == 1 else adapter, "weight": 1.0, **entry}],
+        "output": {"path": str(out), "dtype": dtype},
+    })
+    run_recipe(recipe, quiet=True)
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_matches_peft(merged: dict, reference: dict, *, changed: list[str]) -> None:
+    """Every written tensor equals peft's (by its name or with the wrapped model's prefix), bit for bit."""
+    expected = {}
+    for name in merged:
+        key = name if name in reference else name.removeprefix("model.")
+        expected[name] = reference[key]
+    assert_same_bits(merged, expected)
+    for name in changed:  # the adapter did change these, so the comparison above was not base vs base
+        assert any(name in key for key in merged), name
+
+
+@pytest.fixture(scope="module")
+def llama(make_models) -> Path:
+    return make_models("llama-decoder", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def llama_bf16(make_models) -> Path:
+    return make_models("llama-decoder", 1, dtype=torch.bfloat16)[0]
+
+
+VARIANTS = {
+    "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "rslora": dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj"]),
+    "patterns": dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+        rank_pattern={r"layers\.1\.self_attn\.q_proj": 2, "up_proj": 6}, alpha_pattern={"v_proj": 3},
+    ),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "o_proj", "embed_tokens"]),
+    "embedding": dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "gate_proj"]),
+    "modules_to_save": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["norm"]),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", ["float32", "keep-bf16", "float32-from-bf16"])
+def test_adapter_variant_equals_peft(variant, dtype, llama, llama_bf16, tmp_path):
+    base = llama if dtype == "float32" else llama_bf16
+    adapter = make_adapter(base, tmp_path / "adapter", **VARIANTS[variant])
+    torch_dtype = torch.bfloat16 if dtype == "keep-bf16" else torch.float32
+    merged = merge_adapter(base, [adapter], tmp_path / "out", dtype="keep" if dtype == "keep-bf16" else "float32")
+    assert all(t.dtype == torch_dtype for t in merged.values())
+    reference = peft_merged(base, [adapter], dtype=torch_dtype)
+    assert_matches_peft(merged, reference, changed=VARIANTS[variant]["target_modules"])
+    base_tensors = load_file(str(base / "model.safetensors"))
+    changed = [n for n in merged if not torch.equal(merged[n], base_tensors[n].to(torch_dtype))]
+    assert changed, "the adapter changed nothing"
+
+
+def test_fan_in_fan_out_conv1d_and_lora_bias_equal_peft(tmp_path):
+    """GPT-2's Conv1D stores weights as (in, out): peft's fan_in_fan_out; its layers have biases for lora_bias."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)).save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True, lora_bias=True,
+                           target_modules=["c_attn", "c_proj"])
+    adapter_dora = make_adapter(base, tmp_path / "adapter-dora", seed=1, r=4, lora_alpha=8, fan_in_fan_out=True,
+                                use_dora=True, target_modules=["c_fc"])
+    merged = merge_adapter(base, [adapter, adapter_dora], tmp_path / "out", dtype="float32")
+    reference = peft_merged(base, [adapter, adapter_dora], dtype=torch.float32)
+    assert_matches_peft(merged, reference, changed=["c_attn", "c_fc"])
+
+
+def test_two_adapters_in_order_and_cli_plus_syntax(llama, tmp_path):
+    first = make_adapter(llama, tmp_path / "a1", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    second = make_adapter(llama, tmp_path / "a2", seed=2, r=2, lora_alpha=2, use_dora=True, target_modules=["q_proj"])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as done:
+        main(["merge", "-q", "--model-type", "decoder", "--models", f"{llama}+{first}+{second}", "--weights", "1",
+              "--dtype", "float32", "--output", str(out)])
+    assert done.value.code == 0
+    merged = load_file(str(out / "model.safetensors"))
+    assert_matches_peft(merged, peft_merged(llama, [first, second], dtype=torch.float32), changed=["q_proj"])
+    swapped = peft_merged(llama, [second, first], dtype=torch.float32)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[name], swapped[name]), "the order of the adapters must matter"
+
+
+def test_adapter_mixed_with_the_base_is_the_weighted_sum(llama, tmp_path):
+    """``--models base+lora base``: LM_Cocktail's mix of peft's merge and the base, as FlagEmbedding users do it."""
+    adapter = make_adapter(llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as done:
+        main(["merge", "-q", "--model-type", "decoder", "--models", f"{llama}+{adapter}", str(llama),
+              "--weights", "0.7", "0.3", "--output", str(out)])
+    assert done.value.code == 0
+    merged = load_file(str(out / "model.safetensors"))
+    tuned = peft_merged(llama, [adapter], dtype=torch.float32)
+    base = load_file(str(llama / "model.safetensors"))
+    expected = {name: 0.7 * tuned[name] + 0.3 * base[name] for name in base}  # LM_Cocktail's merge_param order
+    assert_same_bits(merged, expected)
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["adapters"][0][0]["adapter"] == str(adapter)
+    assert info["adapters"][0][0]["scaling"] == [{"r": 4, "lora_alpha": 8, "scaling": 2.0}]
+    assert info["adapters"][1] == []
+    card = (out / "README.md").read_text()
+    assert f"LoRA adapter `{adapter}` merged into `{llama}`" in card and "scaling=2" in card
+
+
+def _embedder_adapter(llama: Path, root: Path) -> Path:
+    """FlagEmbedding's decoder embedder fine-tune with --additional_special_tokens, saved under checkpoint-N."""
+    from transformers import AutoModel
+
+    output_dir = root / "lora-out"
+    make_adapter(llama, output_dir / "checkpoint-20", seed=3, auto_class=AutoModel, resize=len(ADDED_TOKENS),
+                 r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    make_adapter(llama, root / "older" / "checkpoint-5", seed=4, auto_class=AutoModel, r=2, lora_alpha=2,
+                 target_modules=["q_proj"])
+    (root / "older" / "checkpoint-5").rename(output_dir / "checkpoint-5")
+    # FlagEmbedding keeps emb.pth and the tokenizer in the output folder itself.
+    for name in ("embedding", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        source = output_dir / "checkpoint-20" / name
+        if source.exists():
+            source.rename(output_dir / name)
+    return output_dir
+
+
+def test_flagembedding_layout_emb_pth_checkpoint_and_tokenizer(llama, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    output_dir = _embedder_adapter(llama, tmp_path)
+    out = tmp_path / "merged"
+    merged = merge_adapter(llama, [output_dir], out, dtype="float32")
+    reference = peft_merged(llama, [output_dir / "checkpoint-20"], dtype=torch.float32, auto_class=AutoModel,
+                            emb=output_dir / "embedding" / "emb.pth")
+    emb = reference["embed_tokens.weight"]
+    assert merged["model.embed_tokens.weight"].shape == emb.shape == (json.loads((llama / "config.json").read_text())["vocab_size"] + 3, 32)
+    assert_matches_peft(merged, reference, changed=["embed_tokens", "q_proj"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == emb.shape[0]
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert len(tokenizer) == emb.shape[0]
+    assert tokenizer.convert_tokens_to_ids("<query>") >= emb.shape[0] - 3
+    loaded = AutoModel.from_pretrained(str(out)).state_dict()
+    assert torch.equal(loaded["embed_tokens.weight"], emb)
+
+
+@pytest.mark.stack_a
+def test_merged_decoder_loads_with_flagembedding(llama, tmp_path):
+    from FlagEmbedding import FlagLLMModel, FlagLLMReranker
+    from transformers import AutoModel
+
+    output_dir = _embedder_adapter(llama, tmp_path)
+    out = tmp_path / "merged"
+    merge_adapter(llama, [output_dir], out, dtype="float32")
+    reference = peft_merged(llama, [output_dir / "checkpoint-20"], dtype=torch.float32, auto_class=AutoModel,
+                            emb=output_dir / "embedding" / "emb.pth")
+    embedder = FlagLLMModel(str(out), use_fp16=False, devices="cpu", normalize_embeddings=True)
+    vectors = embedder.encode_queries(["<query> what is paris", "capital of france"])
+    assert vectors.shape == (2, 32) and torch.isfinite(torch.as_tensor(vectors)).all()
+    state = embedder.model.state_dict()
+    assert torch.equal(state["embed_tokens.weight"], reference["embed_tokens.weight"])
+    assert torch.equal(state["layers.0.self_attn.q_proj.weight"], reference["layers.0.self_attn.q_proj.weight"])
+    reranker = FlagLLMReranker(str(out), use_fp16=False, devices="cpu")
+    scores = reranker.compute_score([["what is paris", "paris is the capital of france"]])
+    assert len(scores) == 1 and torch.isfinite(torch.as_tensor(scores)).all()
+
+
+def _fails(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _bad_merge(llama: Path, adapter: Path, tmp_path: Path, capsys, *extra: str) -> str:
+    out = tmp_path / "out"
+    message = _fails(["merge", "-q", "--model-type", "decoder", "--models", f"{llama}+{adapter}", *extra,
+                      "--weights", "1", "--output", str(out)], capsys)
+    assert not out.exists() and leftovers(tmp_path, "out") == []
+    return message
+
+
+def test_bad_adapters_are_one_line_errors(llama, make_models, tmp_path, capsys):
+    good = make_adapter(llama, tmp_path / "good", r=4, lora_alpha=8, target_modules=["q_proj"])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "has no adapter_config.json" in _bad_merge(llama, empty, tmp_path, capsys)
+
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    assert "has no weights" in _bad_merge(llama, no_weights, tmp_path, capsys)
+
+    ia3 = tmp_path / "ia3"
+    ia3.mkdir()
+    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["q_proj"]}))
+    assert "is a peft IA3 adapter; merge-hooks merges LoRA adapters only" in _bad_merge(llama, ia3, tmp_path, capsys)
+
+    for init in ("pissa", "olora", "corda"):
+        variant = tmp_path / init
+        variant.mkdir()
+        config = json.loads((good / "adapter_config.json").read_text()) | {"init_lora_weights": init}
+        (variant / "adapter_config.json").write_text(json.dumps(config))
+        (variant / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+        assert "rewrites the base weights" in _bad_merge(llama, variant, tmp_path, capsys)
+
+    replicated = tmp_path / "replicated"
+    replicated.mkdir()
+    config = json.loads((good / "adapter_config.json").read_text()) | {"layer_replication": [[0, 2], [1, 2]]}
+    (replicated / "adapter_config.json").write_text(json.dumps(config))
+    assert "layer_replication" in _bad_merge(llama, replicated, tmp_path, capsys)
+
+    bert = make_models("bert-encoder", 1)[0]
+    assert "targets module 'model.layers.0.self_attn.q_proj', which model" in _bad_merge(bert, good, tmp_path, capsys)
+
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+    from safetensors.torch import save_file
+
+    for name, change, expected in (
+        ("shape", lambda t: t[:, :16] if t.shape[1] == 32 else t, "shape mismatch"),
+        ("rank", lambda t: t[:, :3] if t.shape[1] == 4 else t, "rank mismatch between lora_A"),
+    ):
+        bad = tmp_path / f"bad-{name}"
+        bad.mkdir()
+        (bad / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+        save_file({k: change(v).contiguous() for k, v in tensors.items()}, str(bad / "adapter_model.safetensors"))
+        assert expected in _bad_merge(llama, bad, tmp_path, capsys)
+
+
+def test_wrong_base_is_an_error_unless_allowed(make_models, tmp_path, capsys):
+    import shutil
+
+    base, other = make_models("llama-decoder", 2)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    # A copy of the base is the same base: no error.
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    merge_adapter(copy, [adapter], tmp_path / "from-copy")
+    message = _bad_merge(other, adapter, tmp_path, capsys)
+    assert f"was trained on '{base}'" in message and "allow_base_mismatch" in message
+    merged = merge_adapter(other, [adapter], tmp_path / "allowed", allow_base_mismatch=True)
+    assert_matches_peft(merged, peft_merged(other, [adapter], dtype=torch.float32), changed=["q_proj"])
+    # An adapter whose base cannot be found is merged with a warning.
+    config = json.loads((adapter / "adapter_config.json").read_text()) | {"base_model_name_or_path": "nobody/nothing"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    merge_adapter(other, [adapter], tmp_path / "unresolved")
+
+
+def test_verify_against_recomputes_the_adapter_delta(llama, tmp_path):
+    from merge_hooks.recipe import load_recipe
+    from merge_hooks.verify import verify_folder
+
+    adapter = make_adapter(llama, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    out = tmp_path / "out"
+    merge_adapter(llama, [adapter], out)
+    report = verify_folder(out, against=load_recipe(out / "merge_recipe.yaml"))
+    assert report.ok, report.problems
+    assert any("with the adapter deltas" in line for line in report.passed)
+    # Against another adapter of the same shapes, the sampled adapted tensors differ.
+    other = make_adapter(llama, tmp_path / "other", seed=5, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    recipe = load_recipe(out / "merge_recipe.yaml")
+    recipe.models[0].adapter = str(other)
+    report = verify_folder(out, against=recipe)
+    assert not report.ok and any("q_proj" in p or "v_proj" in p for p in report.problems)
+
+
+def test_recipe_rules_for_adapters(llama, tmp_path):
+    from merge_hooks.errors import MergeHooksError
+
+    one = {"model_type": "decoder", "models": [{"path": str(llama), "weight": 1.0}], "output": {"path": "x"}}
+    with pytest.raises(MergeHooksError, match="one model is allowed with an adapter"):
+        recipe_from_dict(one)
+    one["models"][0]["adapter"] = ["a", "b"]
+    assert recipe_from_dict(one).models[0].adapters == ["a", "b"]
+    with pytest.raises(MergeHooksError, match="adapters are merged by the stream engine"):
+        recipe_from_dict(one | {"engine": "cocktail"})
