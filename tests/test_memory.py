@@ -163,3 +163,51 @@ def test_memory_measurement_sees_one_whole_model():
     held_rss, _ = _run_measured([sys.executable, "-c", HOLD_CODE])
     used = held_rss - baseline_rss
     assert used > BOUND, f"holding {MODEL_BYTES / MiB:.0f} MiB measured as {used / MiB:.0f} MiB, under the bound"
+
+
+ADAPTER_RANK = 8
+ADAPTER_SCALING = 16 / ADAPTER_RANK
+
+
+@pytest.fixture(scope="module")
+def big_adapter(big_models, tmp_path_factory) -> Path:
+    """A LoRA adapter on every tensor of the first model, as peft saves it (rank 8, alpha 16)."""
+    folder = tmp_path_factory.mktemp("memory-adapter")
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(N_TENSORS):
+        tensors[f"base_model.model.layer{i}.lora_A.weight"] = torch.randn(ADAPTER_RANK, SHAPE[1], generator=generator)
+        tensors[f"base_model.model.layer{i}.lora_B.weight"] = torch.randn(SHAPE[0], ADAPTER_RANK, generator=generator)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": ADAPTER_RANK, "lora_alpha": 16, "target_modules": ["layer0"],
+              "base_model_name_or_path": str(big_models[0])}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.slow
+def test_stream_merge_with_an_adapter_stays_in_the_bound(big_models, big_adapter, tmp_path):
+    """The adapter's delta is computed per tensor, in the same pass: memory follows the largest tensor still."""
+    output = tmp_path / "merged"
+    merged_rss, stderr = _run_measured([
+        sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge",
+        "--model-type", "encoder", "--models", f"{big_models[0]}+{big_adapter}", *map(str, big_models[1:]),
+        "--weights", *map(str, WEIGHTS), "-o", str(output), "-q",
+    ])
+    module_list = tmp_path / "modules.txt"
+    module_list.write_text("\n".join(_imported_modules(stderr)))
+    baseline_rss, _ = _run_measured([sys.executable, "-c", IMPORT_CODE, str(module_list)])
+    used = merged_rss - baseline_rss
+    assert used < BOUND, (
+        f"the merge with an adapter used {used / MiB:.0f} MiB above its import baseline, more than "
+        f"{BOUND / MiB:.0f} MiB; one input model is {MODEL_BYTES / MiB:.0f} MiB"
+    )
+    adapter = load_file(str(big_adapter / "adapter_model.safetensors"))
+    merged = load_file(str(output / "model.safetensors"))
+    for i in (0, N_TENSORS // 2, N_TENSORS - 1):
+        tuned = torch.full(SHAPE, _tensor_value(0, i))
+        tuned.add_((adapter[f"base_model.model.layer{i}.lora_B.weight"] @ adapter[f"base_model.model.layer{i}.lora_A.weight"]) * ADAPTER_SCALING)
+        expected = WEIGHTS[0] * tuned
+        for seed, weight in enumerate(WEIGHTS[1:], 1):
+            expected.add_(weight * torch.full(SHAPE, _tensor_value(seed, i)))
+        assert torch.equal(merged[f"layer{i}.weight"], expected), i
