@@ -15,6 +15,7 @@ and checks the goals of the streaming engine (see ``benchmarks/README.md``). Wri
 Usage (from the repository root):
     .venv-a/bin/python benchmarks/run.py            # full run, about 20 minutes on 2 cores
     .venv-a/bin/python benchmarks/run.py --quick    # BERT-base, N=3, no mix_models_by_layers: about 2 minutes
+    .venv-a/bin/python benchmarks/run.py --lora     # LoRA adapter merges only: about 2 minutes
 
 Only the standard library is imported here: building, merging and the floor run in child
 processes of the Python given by ``--python`` (default: the one running this script).
@@ -74,7 +75,30 @@ MODELS = {
             "tie_word_embeddings": False,
         },
     },
+    # The base of the --lora rows: small enough that peft's fp32 load-merge-save takes seconds, not minutes.
+    "llama-lora-base": {
+        "family": "llama",
+        "model_type": "decoder",
+        "dtype": "bfloat16",
+        "title": (
+            "Llama-shaped decoder (hidden 1024, 8 layers, intermediate 2816, 16 heads, 4 KV heads, "
+            "vocab 32000, tie_word_embeddings=false), bf16"
+        ),
+        "config": {
+            "hidden_size": 1024,
+            "num_hidden_layers": 8,
+            "intermediate_size": 2816,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+            "vocab_size": 32000,
+            "tie_word_embeddings": False,
+        },
+    },
 }
+LORA_MODEL = "llama-lora-base"
+LORA_RANK = 32
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_MARKER = "<!-- lora rows: written by run.py --lora -->"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 SPEED_GOAL_VS_COCKTAIL = 4.0
 SPEED_GOAL_VS_FLOOR = 1.5
@@ -130,6 +154,39 @@ weights = [1 / len(paths)] * len(paths)
 getattr(LM_Cocktail, method)(paths, model_type, weights, output_path=out)
 """
 
+# A peft adapter with every LoRA tensor random (peft starts B at zero), as a fine-tune leaves it.
+LORA_BUILD_CODE = """
+import sys, torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+base, out, rank, targets = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4].split(",")
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+generator = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+model.save_pretrained(out)
+"""
+
+# FlagEmbedding's save_merged_model, less its argument parsing: the base as transformers loads it
+# (float32 on transformers 4), peft's merge_and_unload, save_pretrained.
+PEFT_MERGE_CODE = """
+import shutil, sys
+from pathlib import Path
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+for name in Path(base).glob("*token*"):
+    shutil.copy2(name, out)
+for name in Path(base).glob("vocab*"):
+    shutil.copy2(name, out)
+"""
+
 BASELINE_CODE = """
 import importlib, sys
 for name in open(sys.argv[1]).read().split():
@@ -143,7 +200,7 @@ VERSIONS_CODE = """
 import json, platform, sys
 from importlib.metadata import version, PackageNotFoundError
 out = {"python": platform.python_version()}
-for dist in ("torch", "transformers", "sentence-transformers", "safetensors", "lm-cocktail", "huggingface_hub", "accelerate"):
+for dist in ("torch", "transformers", "sentence-transformers", "safetensors", "lm-cocktail", "huggingface_hub", "accelerate", "peft"):
     try:
         out[dist] = version(dist)
     except PackageNotFoundError:
@@ -608,6 +665,74 @@ class Bench:
         return ref.wall * (n / ref.n) * info["fp32_bytes"] / self.infos[ref.model]["fp32_bytes"]
 
 
+def lora_rows(bench: "Bench") -> list[Row]:
+    """merge-hooks merging a rank-32 adapter (alone, and mixed 0.5/0.5 with the base) against peft's
+    load-merge-save and against that followed by LM_Cocktail's mix_models with the base, same run.
+
+    Every output is float32, as FlagEmbedding's merge (transformers 4 loads the base in float32) and
+    LM_Cocktail write it, so the runs write the same bytes.
+    """
+    args = bench.args
+    base = ensure_models(bench.python, bench.workdir, LORA_MODEL, 1)[0]
+    adapter = bench.workdir / "models" / LORA_MODEL / f"lora-r{LORA_RANK}"
+    if not (adapter / "adapter_model.safetensors").is_file():
+        bench.log(f"building the rank-{LORA_RANK} adapter in {adapter} ...")
+        subprocess.run([bench.python, "-c", LORA_BUILD_CODE, str(base), str(adapter), str(LORA_RANK),
+                        ",".join(LORA_TARGETS)], check=True, env=child_env())
+    bench.infos[LORA_MODEL] = read_model_info(base)
+    inputs = [base / "model.safetensors", adapter / "adapter_model.safetensors"]
+    merged = bench.out / "peft-merged"
+    output = bench.out / "result"
+    mh = [bench.python, "-m", "merge_hooks", "merge", "--model-type", "decoder", "--dtype", "float32", "-q", "-o", str(output)]
+    peft = [bench.python, "-c", PEFT_MERGE_CODE, str(base), str(adapter)]
+    cocktail = [bench.python, "-c", COCKTAIL_CODE, "mix_models", "decoder", str(output), str(merged), str(base)]
+    two_step = ["sh", "-c", f"{shlex.join(peft + [str(merged)])} && {shlex.join(cocktail)}"]
+    runs = {
+        "merge-hooks base+lora": mh + ["--models", f"{base}+{adapter}", "--weights", "1"],
+        "peft load-merge-save": peft + [str(output)],
+        "merge-hooks base+lora, base (0.5/0.5)": mh + ["--models", f"{base}+{adapter}", str(base), "--weights", "0.5", "0.5"],
+        "peft merge, then LM_Cocktail mix_models": two_step,
+    }
+    rows = []
+    for name, argv in runs.items():
+        row = Row(LORA_MODEL, 1, name)
+        for _ in range(args.big_repeats):
+            warm_cache(inputs)
+            m = bench.run(f"lora-{len(rows)}", argv, timeout=args.time_cap, output=output)
+            clear(merged)
+            bench.record(row, m)
+        bench.log_row(row)
+        rows.append(row)
+    return rows
+
+
+def render_lora(bench: "Bench", rows: list[Row], versions: dict, command: str) -> str:
+    info = bench.infos[LORA_MODEL]
+    lines = [
+        LORA_MARKER,
+        "## LoRA adapter merges",
+        "",
+        f"`{command}` at {bench.code_after or code_version()}, load average {bench.load_before} before and "
+        f"{load_average()} after; {', '.join(f'{k} {v}' for k, v in versions.items())}.",
+        "",
+        f"Base: {MODELS[LORA_MODEL]['title']}: {info['params'] / 1e6:.0f}M parameters, {fmt_mb(info['bytes'])} MB. "
+        f"Adapter: rank {LORA_RANK}, alpha {2 * LORA_RANK}, on {', '.join(LORA_TARGETS)}. Every run writes float32 "
+        "safetensors (what FlagEmbedding's merge writes on transformers 4). Best of "
+        f"{bench.args.big_repeats} runs; peak RSS of the whole process tree.",
+        "",
+        "| run | wall s | CPU (sys) s | peak RSS MB | vs reference |",
+        "|---|---:|---:|---:|---|",
+    ]
+    pairs = {0: 1, 2: 3}
+    for i, row in enumerate(rows):
+        ratio = ""
+        if i in pairs and row.wall and rows[pairs[i]].wall and row.peak and rows[pairs[i]].peak:
+            ref = rows[pairs[i]]
+            ratio = f"{ref.wall / row.wall:.2f}x faster, {ref.peak / row.peak:.2f}x less memory than \"{ref.run}\""
+        lines.append(f"| {row.run} | {fmt_s(row.wall)} | {row.cpu} | {fmt_mb(row.peak)} | {ratio or row.note} |")
+    return "\n".join(lines) + "\n"
+
+
 PSTATS_CODE = """
 import io, pstats, sys
 s = io.StringIO()
@@ -901,6 +1026,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="before each timed run, wait until other processes use fewer cores than this (default: 0.3)")
     parser.add_argument("--quiet-wait", type=float, default=60,
                         help="but wait at most this many seconds (default: 60; 0 turns waiting off)")
+    parser.add_argument("--lora", action="store_true",
+                        help="only the LoRA adapter rows (about 2 minutes); replaces their section of --results")
     parser.add_argument("--no-profile", action="store_true", help="skip the importtime / cProfile section")
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "work", help="models and scratch (default: benchmarks/work)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="where to write the report")
@@ -908,7 +1035,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.n, args.skip_by_layers = ["bert-base"], [3], True
-    args.models = args.models or list(MODELS)
+    args.models = args.models or [m for m in MODELS if m != LORA_MODEL]
     # BERT-base runs first: its LM_Cocktail timings give the time estimates for the bigger model.
     args.models.sort(key=list(MODELS).index)
     return args
@@ -928,6 +1055,13 @@ def main() -> None:
     bench = Bench(args)
     bench.log(f"peak RSS from {'/usr/bin/time -v' if TIME_BIN else 'os.wait4 rusage (/usr/bin/time missing)'}; "
               f"versions: {versions}")
+    if args.lora:
+        section = render_lora(bench, lora_rows(bench), versions, command)
+        previous = args.results.read_text() if args.results.is_file() else ""
+        kept = previous.split(LORA_MARKER)[0].rstrip()
+        args.results.write_text((kept + "\n\n" if kept else "") + section)
+        bench.log(f"wrote the LoRA rows to {args.results}")
+        return
 
     bert3 = ensure_models(args.python, bench.workdir, "bert-base", 3)
     for fmt in ("safetensors", "bin"):

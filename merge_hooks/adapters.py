@@ -331,7 +331,8 @@ def _plan(spec: str, path: Path, config: dict, reader: Any, base: Checkpoint, *,
         for suffix, role in _LORA_SUFFIXES.items():
             if inner.endswith("." + suffix):
                 module = inner[: -len(suffix) - 1]
-                entry = modules.setdefault(module, LoraModule(module, suffix.startswith("lora_embedding"), 0, 0.0, 0.0))
+                entry = modules.setdefault(module, LoraModule(module, False, 0, 0.0, 0.0))
+                entry.embedding |= suffix.startswith("lora_embedding")
                 entry.tensors[role] = key
                 break
         else:
