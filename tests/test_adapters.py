@@ -8,6 +8,7 @@ randomised so that each delta is non-zero, ``save_pretrained``); the reference i
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -289,6 +290,13 @@ def test_bad_adapters_are_one_line_errors(llama, make_models, tmp_path, capsys):
     (replicated / "adapter_config.json").write_text(json.dumps(config))
     assert "layer_replication" in _bad_merge(llama, replicated, tmp_path, capsys)
 
+    # emb.pth is unpickled with nn.Embedding as the only class allowed: anything else is refused unrun.
+    pickled = tmp_path / "pickled"
+    shutil.copytree(good, pickled)
+    (pickled / "embedding").mkdir()
+    torch.save(torch.nn.Linear(2, 2), pickled / "embedding" / "emb.pth")
+    assert "only that is accepted" in _bad_merge(llama, pickled, tmp_path, capsys)
+
     bert = make_models("bert-encoder", 1)[0]
     assert "targets module 'model.layers.0.self_attn.q_proj', which model" in _bad_merge(bert, good, tmp_path, capsys)
 
@@ -307,8 +315,6 @@ def test_bad_adapters_are_one_line_errors(llama, make_models, tmp_path, capsys):
 
 
 def test_wrong_base_is_an_error_unless_allowed(make_models, tmp_path, capsys):
-    import shutil
-
     base, other = make_models("llama-decoder", 2)
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
     # A copy of the base is the same base: no error.
@@ -319,6 +325,17 @@ def test_wrong_base_is_an_error_unless_allowed(make_models, tmp_path, capsys):
     assert f"was trained on '{base}'" in message and "allow_base_mismatch" in message
     merged = merge_adapter(other, [adapter], tmp_path / "allowed", allow_base_mismatch=True)
     assert_matches_peft(merged, peft_merged(other, [adapter], dtype=torch.float32), changed=["q_proj"])
+    # A hub id is looked up in the local cache: there it is a copy of `other`, not the given base.
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / "models--org--cached-base"
+    shutil.copytree(other, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    config = json.loads((adapter / "adapter_config.json").read_text()) | {"base_model_name_or_path": "org/cached-base"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert "was trained on 'org/cached-base'" in _bad_merge(base, adapter, tmp_path, capsys)
+    merge_adapter(other, [adapter], tmp_path / "cached-base")
     # An adapter whose base cannot be found is merged with a warning.
     config = json.loads((adapter / "adapter_config.json").read_text()) | {"base_model_name_or_path": "nobody/nothing"}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
