@@ -669,6 +669,15 @@ def adapted_names(models: list[Any], names: dict[str, str], *, per_model: int = 
     return list(dict.fromkeys(chosen))
 
 
+def adapter_folders(models: list[Any]) -> list[Path]:
+    """Every adapter folder the models read (an output must not replace one)."""
+    return [
+        folder
+        for m in models if isinstance(m.checkpoint, AdaptedCheckpoint)
+        for a in m.checkpoint.adapters for folder in (Path(a.spec).expanduser(), a.path)
+    ]
+
+
 def adapter_provenance(models: list[Any]) -> list[list[dict]]:
     """Per input model, the :meth:`Adapter.describe` of each of its adapters (empty lists when none)."""
     return [

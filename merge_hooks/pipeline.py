@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .adapters import adapter_provenance, adapter_requests, write_adapter_sidecars
+from .adapters import adapter_folders, adapter_provenance, adapter_requests, write_adapter_sidecars
 from .card import MergeInfo, hash_files, write_manifest, write_provenance
 from .engines import EngineResult, output_dtype, written_dtype
 from .errors import MergeHooksError
@@ -167,7 +167,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
     target = check_output(recipe.output.path, overwrite=overwrite)
     models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, adapters=adapter_requests(recipe))
     try:
-        check_output(target, overwrite=overwrite, inputs=tuple(m.path for m in models))
+        check_output(target, overwrite=overwrite, inputs=(*[m.path for m in models], *adapter_folders(models)))
         examples = None
         if recipe.method == "mix_models_with_data":
             examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)

@@ -116,12 +116,14 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("dtype", ["float32", "keep-bf16", "float32-from-bf16"])
+@pytest.mark.parametrize("dtype", ["float32", "keep-bf16", "float32-from-bf16", "float16-from-float32"])
 def test_adapter_variant_equals_peft(variant, dtype, llama, llama_bf16, tmp_path):
-    base = llama if dtype == "float32" else llama_bf16
+    """Compared in the dtype the base is loaded in: as stored (``keep``) or converted (``dtype: float32``...)."""
+    base = llama_bf16 if "bf16" in dtype else llama
     adapter = make_adapter(base, tmp_path / "adapter", **VARIANTS[variant])
-    torch_dtype = torch.bfloat16 if dtype == "keep-bf16" else torch.float32
-    merged = merge_adapter(base, [adapter], tmp_path / "out", dtype="keep" if dtype == "keep-bf16" else "float32")
+    option = {"keep-bf16": "keep", "float16-from-float32": "float16"}.get(dtype, "float32")
+    torch_dtype = {"keep": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[option]
+    merged = merge_adapter(base, [adapter], tmp_path / "out", dtype=option)
     assert all(t.dtype == torch_dtype for t in merged.values())
     reference = peft_merged(base, [adapter], dtype=torch_dtype)
     assert_matches_peft(merged, reference, changed=VARIANTS[variant]["target_modules"])
@@ -209,7 +211,8 @@ def test_flagembedding_layout_emb_pth_checkpoint_and_tokenizer(llama, tmp_path):
     reference = peft_merged(llama, [output_dir / "checkpoint-20"], dtype=torch.float32, auto_class=AutoModel,
                             emb=output_dir / "embedding" / "emb.pth")
     emb = reference["embed_tokens.weight"]
-    assert merged["model.embed_tokens.weight"].shape == emb.shape == (json.loads((llama / "config.json").read_text())["vocab_size"] + 3, 32)
+    base_vocab = json.loads((llama / "config.json").read_text())["vocab_size"]
+    assert merged["model.embed_tokens.weight"].shape == emb.shape == (base_vocab + len(ADDED_TOKENS), 32)
     assert_matches_peft(merged, reference, changed=["embed_tokens", "q_proj"])
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == emb.shape[0]

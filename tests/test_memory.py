@@ -206,7 +206,8 @@ def test_stream_merge_with_an_adapter_stays_in_the_bound(big_models, big_adapter
     merged = load_file(str(output / "model.safetensors"))
     for i in (0, N_TENSORS // 2, N_TENSORS - 1):
         tuned = torch.full(SHAPE, _tensor_value(0, i))
-        tuned.add_((adapter[f"base_model.model.layer{i}.lora_B.weight"] @ adapter[f"base_model.model.layer{i}.lora_A.weight"]) * ADAPTER_SCALING)
+        lora_A, lora_B = (adapter[f"base_model.model.layer{i}.lora_{x}.weight"] for x in "AB")
+        tuned.add_((lora_B @ lora_A) * ADAPTER_SCALING)
         expected = WEIGHTS[0] * tuned
         for seed, weight in enumerate(WEIGHTS[1:], 1):
             expected.add_(weight * torch.full(SHAPE, _tensor_value(seed, i)))
