@@ -32,8 +32,11 @@ def _randomise_adapter(model, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1 + ("magnitude" in name))
 
 
-def make_adapter(base: Path, out: Path, *, seed: int = 0, auto_class=None, resize: int = 0, **lora) -> Path:
-    """A peft LoRA adapter for ``base`` saved in ``out`` (with FlagEmbedding's emb.pth when ``resize``)."""
+def make_adapter(
+    base: Path, out: Path, *, seed: int = 0, auto_class=None, resize: int = 0, safe_serialization: bool = True, **lora
+) -> Path:
+    """A peft LoRA adapter for ``base`` saved in ``out`` (with FlagEmbedding's emb.pth when ``resize``;
+    as ``adapter_model.bin`` without ``safe_serialization``)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,7 +53,12 @@ def make_adapter(base: Path, out: Path, *, seed: int = 0, auto_class=None, resiz
         tokenizer.save_pretrained(str(out))
     peft_model = get_peft_model(model, LoraConfig(**lora))
     _randomise_adapter(peft_model, seed)
-    peft_model.save_pretrained(str(out))
+    if lora.get("bias") == "all":  # trained biases are saved with the adapter and replace the base's
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if name.endswith(".bias"):
+                    parameter.add_(1.0)
+    peft_model.save_pretrained(str(out), safe_serialization=safe_serialization)
     return out
 
 
@@ -142,10 +150,13 @@ def test_fan_in_fan_out_conv1d_and_lora_bias_equal_peft(tmp_path):
     adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, fan_in_fan_out=True, lora_bias=True,
                            target_modules=["c_attn", "c_proj"])
     adapter_dora = make_adapter(base, tmp_path / "adapter-dora", seed=1, r=4, lora_alpha=8, fan_in_fan_out=True,
-                                use_dora=True, target_modules=["c_fc"])
+                                use_dora=True, bias="all", target_modules=["c_fc"], safe_serialization=False)
+    assert (adapter_dora / "adapter_model.bin").is_file()
     merged = merge_adapter(base, [adapter, adapter_dora], tmp_path / "out", dtype="float32")
     reference = peft_merged(base, [adapter, adapter_dora], dtype=torch.float32)
     assert_matches_peft(merged, reference, changed=["c_attn", "c_fc"])
+    base_tensors = load_file(str(base / "model.safetensors"))
+    assert not torch.equal(merged["transformer.h.0.ln_1.bias"], base_tensors["transformer.h.0.ln_1.bias"])
 
 
 def test_two_adapters_in_order_and_cli_plus_syntax(llama, tmp_path):
