@@ -377,7 +377,9 @@ def _plan(spec: str, path: Path, config: dict, reader: Any, base: Checkpoint, *,
         if "bias" in module.tensors:
             bias = target.removesuffix(".weight") + ".bias"
             if bias not in base_names:
-                raise MergeHooksError(f"adapter {spec!r} trains a bias for {module.module!r}, which has none in {base_spec!r}")
+                raise MergeHooksError(
+                    f"adapter {spec!r} trains a bias for {module.module!r}, which has none in {base_spec!r}"
+                )
             adapter.biases[bias] = module
 
     adapter.embedding_file = _embedding_file(Path(spec).expanduser(), path)
@@ -398,12 +400,9 @@ def check_shapes(adapter: Adapter, specs: dict[str, TensorSpec], *, base_spec: s
             raise MergeHooksError(f"{where}: rank mismatch between lora_A {list(a)} and lora_B {list(b)}")
         if a[0] != module.rank:
             raise MergeHooksError(f"{where}: lora_A has rank {a[0]}, its config says r={module.rank}")
-        if module.embedding:
-            expected = (a[1], b[0])
-        elif adapter.fan_in_fan_out:
-            expected = (a[1], b[0])
-        else:
-            expected = (b[0], a[1])
+        # B @ A is (out, in); embeddings and fan_in_fan_out (Conv1D) weights store its transpose.
+        transposed = module.embedding or adapter.fan_in_fan_out
+        expected = (a[1], b[0]) if transposed else (b[0], a[1])
         if tuple(shape) != expected:
             raise MergeHooksError(
                 f"{where}: shape mismatch, the adapter makes {list(expected)} but {target!r} of {base_spec!r} is "
@@ -411,7 +410,7 @@ def check_shapes(adapter: Adapter, specs: dict[str, TensorSpec], *, base_spec: s
             )
         if "magnitude" in module.tensors:
             size = reader_specs[module.tensors["magnitude"]].shape
-            if size != (expected[1] if module.embedding or adapter.fan_in_fan_out else expected[0],):
+            if size != (b[0],):
                 raise MergeHooksError(f"{where}: DoRA magnitude of shape {list(size)} does not fit {list(shape)}")
     for target, key in adapter.replaced.items():
         if reader_specs[key].shape != specs[target].shape:
@@ -486,34 +485,35 @@ class AdaptedCheckpoint:
         self.folder = base.folder
         self.adapters = adapters
         self.load_dtype = load_dtype
-        self.embedding: Optional[tuple[str, Path]] = None
+        self.embedding_name: Optional[str] = None
         self.resized_vocab: Optional[int] = None
-        specs = {
-            name: TensorSpec(name, self._dtype(spec.dtype), spec.shape) for name, spec in base.specs.items()
-        }
-        resize = next((a.embedding_file for a in reversed(adapters) if a.embedding_file is not None), None)
-        if resize is not None:
-            name = embedding_name(list(specs))
-            if name is None:
-                raise MergeHooksError(f"{resize} resizes the input embedding, but {base.folder} has no embedding tensor")
-            weight = read_embedding(resize)
-            old = specs[name].shape
-            if weight.ndim != 2 or weight.shape[1] != old[1]:
-                raise MergeHooksError(
-                    f"{resize} holds an embedding of shape {list(weight.shape)}; the base's {name!r} is {list(old)}"
-                )
-            self.embedding = (name, resize)
-            self.resized_vocab = int(weight.shape[0])
-            specs[name] = TensorSpec(name, specs[name].dtype, tuple(weight.shape))
-            if LM_HEAD in specs and specs[LM_HEAD].shape[0] != weight.shape[0]:
-                logger.warning(
-                    "%s resizes the vocabulary to %d tokens; the untied %s gets zero rows for the new ones "
-                    "(embedders do not use it)", resize, weight.shape[0], LM_HEAD,
-                )
-                specs[LM_HEAD] = TensorSpec(LM_HEAD, specs[LM_HEAD].dtype, tuple(weight.shape))
-        self.specs = specs
+        specs = {name: TensorSpec(name, self._dtype(spec.dtype), spec.shape) for name, spec in base.specs.items()}
         for adapter in adapters:
+            # As FlagEmbedding does: each adapter's emb.pth becomes the input embedding before that adapter merges.
+            if adapter.embedding_file is not None:
+                self._resize(specs, adapter.embedding_file)
             check_shapes(adapter, specs, base_spec=str(base.folder))
+        if self.resized_vocab is not None and LM_HEAD in specs and specs[LM_HEAD].shape[0] != self.resized_vocab:
+            logger.warning(
+                "the vocabulary grows to %d tokens; the untied %s gets zero rows for the new ones (embedders do not "
+                "use it)", self.resized_vocab, LM_HEAD,
+            )
+            specs[LM_HEAD] = TensorSpec(LM_HEAD, specs[LM_HEAD].dtype, (self.resized_vocab, *specs[LM_HEAD].shape[1:]))
+        self.specs = specs
+
+    def _resize(self, specs: dict[str, TensorSpec], path: Path) -> None:
+        name = embedding_name(list(specs))
+        if name is None:
+            raise MergeHooksError(f"{path} resizes the input embedding, but {self.base.folder} has no embedding tensor")
+        weight = read_embedding(path)
+        old = specs[name].shape
+        if weight.ndim != 2 or weight.shape[1] != old[1]:
+            raise MergeHooksError(
+                f"{path} holds an embedding of shape {list(weight.shape)}; the base's {name!r} is {list(old)}"
+            )
+        self.embedding_name = name
+        self.resized_vocab = int(weight.shape[0])
+        specs[name] = TensorSpec(name, specs[name].dtype, tuple(weight.shape))
 
     def _dtype(self, stored: DType) -> DType:
         return self.load_dtype if (self.load_dtype is not None and stored.is_floating_point) else stored
@@ -523,14 +523,13 @@ class AdaptedCheckpoint:
         import torch
 
         spec = self.specs[name]
-        if self.embedding is not None and name == self.embedding[0]:
-            tensor = read_embedding(self.embedding[1]).to(spec.dtype.torch)
-        else:
-            tensor = self.base.get(name).to(spec.dtype.torch)
-            if tuple(tensor.shape) != spec.shape:  # the untied lm_head of a resized vocabulary
-                pad = torch.zeros((spec.shape[0] - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
-                tensor = torch.cat([tensor, pad])
+        tensor = self.base.get(name).to(spec.dtype.torch)
+        if name == LM_HEAD and tuple(tensor.shape) != spec.shape:  # the untied lm_head of a resized vocabulary
+            pad = torch.zeros((spec.shape[0] - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
+            tensor = torch.cat([tensor, pad])
         for adapter in self.adapters:
+            if name == self.embedding_name and adapter.embedding_file is not None:
+                tensor = read_embedding(adapter.embedding_file).to(spec.dtype.torch)
             tensor = adapter.apply(name, tensor)
         if out is None:
             return tensor

@@ -70,10 +70,10 @@ def peft_merged(base: Path, adapters: list[Path], *, dtype: torch.dtype, auto_cl
 
     model = (auto_class or AutoModelForCausalLM).from_pretrained(str(base), dtype=dtype)
     for adapter in adapters:
-        emb = emb or adapter / "embedding" / "emb.pth"
-        if emb.is_file():
+        embedding = emb or adapter / "embedding" / "emb.pth"
+        if embedding.is_file():
             with torch.serialization.safe_globals([torch.nn.Embedding]):
-                model.set_input_embeddings(torch.load(emb, weights_only=True).to(dtype))
+                model.set_input_embeddings(torch.load(embedding, weights_only=True).to(dtype))
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return {k: v.detach() for k, v in model.state_dict().items()}
 
@@ -232,6 +232,19 @@ def test_flagembedding_layout_emb_pth_checkpoint_and_tokenizer(llama, tmp_path):
     assert tokenizer.convert_tokens_to_ids("<query>") >= emb.shape[0] - 3
     loaded = AutoModel.from_pretrained(str(out)).state_dict()
     assert torch.equal(loaded["embed_tokens.weight"], emb)
+
+
+def test_each_adapter_brings_its_own_emb_pth(llama, tmp_path):
+    """FlagEmbedding's raw_peft then output_dir: each emb.pth is set before its own adapter is merged."""
+    from transformers import AutoModel
+
+    lora = dict(auto_class=AutoModel, resize=len(ADDED_TOKENS), r=2, lora_alpha=4,
+                target_modules=["embed_tokens", "q_proj"])
+    first = make_adapter(llama, tmp_path / "raw-peft", seed=6, **lora)
+    second = make_adapter(llama, tmp_path / "output-dir", seed=7, **lora)
+    merged = merge_adapter(llama, [first, second], tmp_path / "out", dtype="float32")
+    reference = peft_merged(llama, [first, second], dtype=torch.float32, auto_class=AutoModel)
+    assert_matches_peft(merged, reference, changed=["embed_tokens"])
 
 
 @pytest.mark.stack_a
