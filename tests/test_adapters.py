@@ -78,14 +78,15 @@ def peft_merged(base: Path, adapters: list[Path], *, dtype: torch.dtype, auto_cl
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def merge_adapter(base: Path, adapters: list[Path], out: Path, *, dtype: str = "keep", **entry) -> dict:
+def merge_adapter(base: Path, adapters: list[Path], out: Path, *, dtype: str = "keep", verify: bool = False,
+                  **entry) -> dict:
     adapter = [str(a) for a in adapters]
     recipe = recipe_from_dict({
         "model_type": "decoder",
         "models": [{"path": str(base), "adapter": adapter[0] if len(adapter) == 1 else adapter, "weight": 1.0, **entry}],
         "output": {"path": str(out), "dtype": dtype},
     })
-    run_recipe(recipe, quiet=True)
+    run_recipe(recipe, quiet=True, verify=verify)
     return load_file(str(out / "model.safetensors"))
 
 
@@ -193,6 +194,7 @@ def test_adapter_mixed_with_the_base_is_the_weighted_sum(llama, tmp_path):
     assert info["adapters"][1] == []
     card = (out / "README.md").read_text()
     assert f"LoRA adapter `{adapter}` merged into `{llama}`" in card and "scaling=2" in card
+    assert "- lora\n" in card.split("---")[1]  # a tag in the front matter the Hub reads
 
 
 def _embedder_adapter(llama: Path, root: Path) -> Path:
@@ -218,7 +220,7 @@ def test_flagembedding_layout_emb_pth_checkpoint_and_tokenizer(llama, tmp_path):
 
     output_dir = _embedder_adapter(llama, tmp_path)
     out = tmp_path / "merged"
-    merged = merge_adapter(llama, [output_dir], out, dtype="float32")
+    merged = merge_adapter(llama, [output_dir], out, dtype="float32", verify=True)
     reference = peft_merged(llama, [output_dir / "checkpoint-20"], dtype=torch.float32, auto_class=AutoModel,
                             emb=output_dir / "embedding" / "emb.pth")
     emb = reference["embed_tokens.weight"]
