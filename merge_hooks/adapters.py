@@ -643,6 +643,23 @@ class AdapterRequest:
         )
 
 
+def check_quantized(config: dict, spec: str) -> None:
+    """Adapters are merged into full-precision bases only (peft dequantizes, merges and quantizes again)."""
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise MergeHooksError(
+            f"model {spec!r} is a {method} quantized model; adapters are merged into unquantized bases only"
+        )
+
+
+def attach_requests(models: list[Any], requests: list[AdapterRequest]) -> None:
+    """Put each model's adapters in front of its checkpoint (``models`` are preflight's ``InputModel``s)."""
+    for model, request in zip(models, requests):
+        if request.folders:
+            check_quantized(model.config, model.spec)
+            model.checkpoint = request.attach(model.checkpoint, base_spec=model.spec)
+
+
 def adapter_requests(recipe: "Recipe") -> Optional[list[AdapterRequest]]:
     """One :class:`AdapterRequest` per model of ``recipe``, or None when no model has an adapter.
 

@@ -326,6 +326,12 @@ def test_bad_adapters_are_one_line_errors(llama, make_models, tmp_path, capsys):
     torch.save(torch.nn.Linear(2, 2), pickled / "embedding" / "emb.pth")
     assert "only that is accepted" in _bad_merge(llama, pickled, tmp_path, capsys)
 
+    quantized = tmp_path / "quantized"
+    shutil.copytree(llama, quantized)
+    config = json.loads((quantized / "config.json").read_text()) | {"quantization_config": {"quant_method": "bitsandbytes"}}
+    (quantized / "config.json").write_text(json.dumps(config))
+    assert "is a bitsandbytes quantized model" in _bad_merge(quantized, good, tmp_path, capsys)
+
     bert = make_models("bert-encoder", 1)[0]
     assert "targets module 'model.layers.0.self_attn.q_proj', which model" in _bad_merge(bert, good, tmp_path, capsys)
 
