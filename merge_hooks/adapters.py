@@ -50,8 +50,9 @@ PEFT_PREFIX = "base_model.model."
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 LM_HEAD = "lm_head.weight"
 
-# init_lora_weights values that leave the base weights as they are (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA
-# rewrite the base during initialisation, so the saved adapter only makes sense with that rewritten base).
+# init_lora_weights values that leave the base weights as they are and merge as plain LoRA (PiSSA, OLoRA,
+# CorDA and LoftQ rewrite the base during initialisation, so the saved adapter only fits that rewritten base;
+# MiCA is a variant with its own layer class).
 _BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # LoraConfig fields whose presence means a variant merge-hooks does not reproduce.
 _UNSUPPORTED_FIELDS = {
@@ -247,9 +248,9 @@ def read_adapter_config(folder: Path, spec: str) -> dict:
     init = config.get("init_lora_weights", True)
     if init not in _BASE_PRESERVING_INITS:
         raise MergeHooksError(
-            f"adapter {spec!r} was initialised with init_lora_weights={init!r}, which rewrites the base weights "
-            "(PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): convert it to a plain LoRA with peft first "
-            "(path_initial_model_for_weight_conversion in save_pretrained)"
+            f"adapter {spec!r} was initialised with init_lora_weights={init!r}: PiSSA, OLoRA, CorDA and LoftQ "
+            "rewrite the base weights (convert the adapter to a plain LoRA with peft's save_pretrained("
+            "path_initial_model_for_weight_conversion=...) first), MiCA is a variant merge-hooks does not merge"
         )
     for key, what in _UNSUPPORTED_FIELDS.items():
         if config.get(key) not in (None, False, {}, []):

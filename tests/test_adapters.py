@@ -311,7 +311,7 @@ def test_bad_adapters_are_one_line_errors(llama, make_models, tmp_path, capsys):
         config = json.loads((good / "adapter_config.json").read_text()) | {"init_lora_weights": init}
         (variant / "adapter_config.json").write_text(json.dumps(config))
         (variant / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
-        assert "rewrites the base weights" in _bad_merge(llama, variant, tmp_path, capsys)
+        assert "rewrite the base weights" in _bad_merge(llama, variant, tmp_path, capsys)
 
     replicated = tmp_path / "replicated"
     replicated.mkdir()
