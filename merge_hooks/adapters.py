@@ -152,10 +152,14 @@ class Adapter:
 
     def describe(self) -> dict:
         """Provenance: which adapter, its ranks and scalings, as recorded in merge_info.json and the card."""
+        from .card import sha256_file
+
         scalings = sorted({(m.rank, m.alpha, m.scaling) for m in self.modules.values()})
+        weights = Path(self.reader.path)
         return {
             "adapter": self.spec,
             "folder": str(self.path),
+            "weights": {"file": weights.name, "sha256": sha256_file(weights)},
             "base_model_name_or_path": self.config.get("base_model_name_or_path"),
             "use_rslora": bool(self.config.get("use_rslora")),
             "use_dora": bool(self.config.get("use_dora")),

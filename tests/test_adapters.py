@@ -7,6 +7,7 @@ randomised so that each delta is non-zero, ``save_pretrained``); the reference i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from helpers import assert_same_bits, leftovers
 from merge_hooks.cli import main
 from merge_hooks.pipeline import run_recipe
-from merge_hooks.recipe import recipe_from_dict
+from merge_hooks.recipe import model_entry_from_arg, recipe_from_dict
 
 ADDED_TOKENS = ["<instruct>", "<query>", "<response>"]
 
@@ -192,6 +193,8 @@ def test_adapter_mixed_with_the_base_is_the_weighted_sum(llama, tmp_path):
     assert info["adapters"][0][0]["adapter"] == str(adapter)
     assert info["adapters"][0][0]["scaling"] == [{"r": 4, "lora_alpha": 8, "scaling": 2.0}]
     assert info["adapters"][1] == []
+    weights_sha = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert info["adapters"][0][0]["weights"] == {"file": "adapter_model.safetensors", "sha256": weights_sha}
     card = (out / "README.md").read_text()
     assert f"LoRA adapter `{adapter}` merged into `{llama}`" in card and "scaling=2" in card
     assert "- lora\n" in card.split("---")[1]  # a tag in the front matter the Hub reads
@@ -405,3 +408,6 @@ def test_recipe_rules_for_adapters(llama, tmp_path):
     assert recipe_from_dict(one).models[0].adapters == ["a", "b"]
     with pytest.raises(MergeHooksError, match="adapters are merged by the stream engine"):
         recipe_from_dict(one | {"engine": "cocktail"})
+    with pytest.raises(MergeHooksError, match="no empty parts"):
+        model_entry_from_arg(f"{llama}+")
+    assert model_entry_from_arg(f"{llama}+a+b") == {"path": str(llama), "adapter": ["a", "b"]}
