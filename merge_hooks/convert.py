@@ -13,11 +13,12 @@ from .checkpoint import Checkpoint, is_weight_file
 from .engines import output_dtype, written_dtype
 from .errors import MergeHooksError
 from .formats import WriteOptions, get_format
+from .paths import check_tree, read_json
 from .pipeline import MergeResult, folder_listing
 from .preflight import check_disk_space, check_output, read_config, resolve_model_path
 from .progress import byte_progress
 from .sidecar import write_config
-from .staging import staged_output
+from .staging import claimed_output, staged_output
 from .tensors import TensorSource, TensorSpec
 from .units import parse_size
 
@@ -33,7 +34,7 @@ def _refresh_provenance(
     """
     info_path = directory / INFO_NAME
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
+        info = read_json(directory, INFO_NAME)
         info.update(save_format=save_format, dtype=dtype_name)
         info_path.write_text(json.dumps(info, indent=2) + "\n")
     if (directory / MANIFEST_NAME).is_file():
@@ -48,9 +49,13 @@ def convert(
     max_shard_size: Union[int, str] = "5GB",
     dtype: str = "keep",
     overwrite: bool = False,
+    force: bool = False,
     quiet: bool = False,
 ) -> MergeResult:
     """Write the model in ``src`` to ``dst`` in ``save_format``, with every non-weight file copied along.
+
+    ``dst`` follows the rules of :func:`merge_hooks.paths.check_output_location` (never ``src`` or a folder
+    around or inside it; ``overwrite`` replaces merge-hooks outputs, ``force`` with it any folder).
 
     Example:
         >>> convert("merged-safetensors", "merged-bin", save_format="bin")
@@ -64,20 +69,23 @@ def convert(
         raise MergeHooksError(f"unknown dtype {dtype!r}; use keep, float32, float16 or bfloat16")
     source_dir = resolve_model_path(str(src))
     read_config(source_dir, str(src))
-    target = check_output(Path(dst), overwrite=overwrite, inputs=(source_dir,))
-    with Checkpoint(source_dir) as checkpoint:
+    target = check_output(dst, overwrite=overwrite, force=force, inputs=(source_dir,))
+    with claimed_output(target) as claim, Checkpoint(source_dir) as checkpoint:
+        check_output(target, overwrite=overwrite, force=force, inputs=(source_dir,))
+        extras = [entry.name for entry in source_dir.iterdir()
+                  if entry.name != "config.json" and not is_weight_file(entry.name)]
+        for name in extras:
+            check_tree(source_dir, name, what="file")
         out = output_dtype(dtype, checkpoint.dtype)
         specs = [TensorSpec(s.name, written_dtype(s.dtype, out), s.shape) for s in checkpoint.specs.values()]
         out_dtypes = {s.name: s.dtype for s in specs}
         tensors = TensorSource(specs=specs, get=lambda name: checkpoint.get(name).to(out_dtypes[name].torch))
         check_disk_space(target.parent, tensors.total_bytes * fmt.size_factor)
-        with staged_output(target) as staging:
+        with staged_output(target, claim=claim) as staging:
             digests: dict[Path, str] = {}
             with byte_progress(tensors.total_bytes * fmt.size_factor, "converting", quiet=quiet) as advance:
                 written = fmt.write(tensors, staging, WriteOptions(shard_bytes, progress=advance, digests=digests))
-            for entry in source_dir.iterdir():
-                if entry.name == "config.json" or is_weight_file(entry.name):
-                    continue
+            for entry in (source_dir / name for name in extras):
                 if entry.is_dir():
                     shutil.copytree(entry, staging / entry.name)
                 else:

@@ -100,22 +100,25 @@ def test_signal_mid_write_leaves_nothing(sig, make_models, tmp_path):
     assert leftovers(tmp_path, "merged") == []
 
 
-def test_sigkill_mid_write_leaves_no_output_and_next_run_cleans_up(make_models, tmp_path):
+def test_sigkill_mid_write_leaves_no_output_and_any_later_run_in_the_folder_cleans_up(make_models, tmp_path):
     from merge_hooks.cli import main
 
     models = make_models("bert-encoder", 2)
-    out = tmp_path / "merged"
+    out, other = tmp_path / "merged", tmp_path / "other"
     proc, _ = _start_slow_merge(tmp_path, models, out)
     proc.kill()
     proc.wait(timeout=60)
     assert not out.exists()
-    assert len(leftovers(tmp_path, "merged")) == 1  # SIGKILL cannot be caught: the staging folder stays...
+    # SIGKILL cannot be caught: the staging folder and the lock file stay...
+    left = leftovers(tmp_path, "merged")
+    assert len(left) == 2 and left[1] == ".merged.merge-hooks.lock" and ".merge-hooks-staging-" in left[0]
     with pytest.raises(SystemExit) as done:
         main(["merge", "--model-type", "encoder", "--models", *map(str, models), "--weights", "0.5", "0.5",
-              "-o", str(out), "-q"])
+              "-o", str(other), "-q"])
     assert done.value.code == 0
-    assert leftovers(tmp_path, "merged") == []  # ...until the next run removes it.
-    assert weight_files(out) == ["model.safetensors"]
+    # ...until a later run writing into the same folder, to any output, removes them.
+    assert leftovers(tmp_path, "merged") == [] and leftovers(tmp_path, "other") == []
+    assert weight_files(other) == ["model.safetensors"] and not out.exists()
 
 
 def test_killed_overwrite_keeps_previous_output(make_models, tmp_path):
@@ -123,9 +126,10 @@ def test_killed_overwrite_keeps_previous_output(make_models, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "pytorch_model.bin").write_bytes(b"previous weights")
+    (out / "merge_info.json").write_text("{}")  # an earlier merge-hooks output, which --overwrite may replace
     proc, _ = _start_slow_merge(tmp_path, models, out, "--overwrite")
     proc.terminate()
     proc.wait(timeout=60)
-    assert sorted(p.name for p in out.iterdir()) == ["pytorch_model.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["merge_info.json", "pytorch_model.bin"]
     assert (out / "pytorch_model.bin").read_bytes() == b"previous weights"
     assert leftovers(tmp_path, "merged") == []
