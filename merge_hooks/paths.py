@@ -115,7 +115,7 @@ def read_json(root: PathLike, name: str, *, kind: type = dict, what: Optional[st
     except ValueError as exc:
         raise MergeHooksError(f"{label} is not valid JSON: {exc}") from None
     if not isinstance(data, kind):
-        expected = "an object" if kind is dict else "a list"
+        expected = "object" if kind is dict else "list"
         raise MergeHooksError(f"{label} must hold a JSON {expected}, not {type(data).__name__}")
     return data
 
@@ -197,7 +197,7 @@ def check_output_location(
     if why is not None:
         raise MergeHooksError(f"refusing to write the output to {target}: it {why}; give a new folder such as ./merged")
     for source in inputs:
-        for form in {Path(os.path.abspath(os.fspath(source))), real(source)}:
+        for form in {Path(os.path.abspath(os.path.expanduser(os.fspath(source)))), real(source)}:
             if _within(form, target) or _within(target, form):
                 relation = "is" if form == target else "holds" if _within(form, target) else "lies inside"
                 raise MergeHooksError(

@@ -202,7 +202,8 @@ def run_recipe(
     if not isinstance(recipe, Recipe):
         raise MergeHooksError(f"run_recipe needs a Recipe (see load_recipe, recipe_from_dict), got {type(recipe).__name__}")
     fmt = get_format(recipe.output.save_format)
-    target = check_output(recipe.output.path, overwrite=overwrite, force=force)
+    local = tuple(Path(p).expanduser() for p in recipe.model_paths if Path(p).expanduser().exists())
+    target = check_output(recipe.output.path, overwrite=overwrite, force=force, inputs=local)
     with claimed_output(target) as claim:
         return _run_claimed(recipe, fmt, claim, overwrite=overwrite, force=force, quiet=quiet, verify=verify)
 
