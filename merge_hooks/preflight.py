@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint
 from .errors import MergeHooksError
 from .heads import check_heads
 from .paths import check_output_location, read_json
+from .sidecar import check_sidecars
 from .units import format_size
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ def load_inputs(specs: list[str], *, trust_remote_code: bool) -> list[InputModel
         models.append(InputModel(spec=spec, path=path, config=config, checkpoint=Checkpoint(path)))
     try:
         check_remote_code(models, trust_remote_code=trust_remote_code)
+        check_sidecars(models[0].path)
         check_same_architecture(models)
         check_heads(models)
     except BaseException:

@@ -231,6 +231,21 @@ def max_seq_length(source: Path, config: dict) -> int:
     return int(limit)
 
 
+def check_sidecars(source: Path) -> None:
+    """Check every file :func:`write_sidecars` will read from ``source`` (inside the folder, well-formed JSON),
+    so a bad one stops the run before anything is merged."""
+    read_json(source, "config.json")
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG, *ST_FILES):
+        if (source / name).is_file() or (source / name).is_symlink():
+            confined(source, name)
+    if (source / "tokenizer_config.json").is_file():
+        read_json(source, "tokenizer_config.json")
+    if (source / "modules.json").is_file():
+        for module in _read_modules(source):
+            if module["path"]:
+                check_tree(source, module["path"], what="sentence-transformers module")
+
+
 def write_sidecars(
     source: Path,
     directory: Path,

@@ -360,6 +360,20 @@ def test_module_paths_outside_the_model_are_refused(encoders, scratch, capsys, m
     refused(scratch.parent, capsys, *encoder_args(), match="lies outside that folder")
 
 
+def test_bad_sidecar_files_are_found_before_anything_is_merged(encoders, scratch, capsys, monkeypatch):
+    import merge_hooks.engines.stream as stream
+
+    def no_merge(*args, **kwargs):
+        raise AssertionError("the merge ran before the sidecar files were checked")
+
+    monkeypatch.setattr(stream, "stream_merge", no_merge)
+    _set_module_path(encoders[0], 1, "../enc_1")
+    refused(scratch.parent, capsys, *encoder_args(), match="lies outside that folder")
+    _set_module_path(encoders[0], 1, "1_Pooling")
+    (encoders[0] / "tokenizer_config.json").write_text("[]")
+    refused(scratch.parent, capsys, *encoder_args(), match="must hold a JSON object")
+
+
 def test_symlinks_out_of_a_model_are_refused(encoders, scratch, capsys):
     secret = scratch.parent / "secret.txt"
     secret.write_text("private")
