@@ -79,14 +79,16 @@ def copy_code_files(source: Path, directory: Path) -> list[str]:
         >>> copy_code_files(Path("custom-model"), Path("merged"))
         ['configuration_custom.py', 'modeling_custom.py']
     """
-    from transformers.dynamic_module_utils import get_relative_imports
-
     from .preflight import CODE_CONFIGS
 
     wanted = set()
     for name in CODE_CONFIGS:
         if (source / name).is_file():
             wanted |= {f"{module.replace('.', '/')}.py" for module in _code_modules(read_json(source, name).get("auto_map"))}
+    if not wanted:
+        return []
+    from transformers.dynamic_module_utils import get_relative_imports
+
     copied: set[str] = set()
     while wanted:
         name = wanted.pop()

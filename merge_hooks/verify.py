@@ -190,6 +190,9 @@ def _layout_files(folder: Path, weights_name: str, report: VerifyReport) -> Opti
         return None
     if single:
         report.problems += [f"{name} lies beside {weights_name} and no index names it" for name in shards_on_disk]
+        if not inside(folder, weights_name):
+            report.problems.append(f"{weights_name} is a symlink out of the folder; it was not opened")
+            return None
         return {weights_name: None}
     if not index:
         report.problems += [f"shard {name} has no {index_name}" for name in shards_on_disk]

@@ -433,6 +433,12 @@ def test_verify_never_opens_manifest_entries_outside_the_folder(scratch, capsys)
     report = capsys.readouterr().out
     assert report.count("lies outside the folder; it was not opened") == 2
     assert "12345" not in report
+    # Weights that are a symlink to another model's file are not read either.
+    weights = scratch / "merged" / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to(scratch / "rr_1" / "model.safetensors")
+    assert run_cli("verify", "merged") == 1
+    assert "model.safetensors is a symlink out of the folder; it was not opened" in capsys.readouterr().out
 
 
 def _as_cache_snapshot(folder: Path, cache: Path, repo: str) -> Path:
