@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import pickle
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from .dtypes import DType
 from .errors import MergeHooksError
+from .paths import confined, read_json
 from .tensors import TensorSpec
 
 if TYPE_CHECKING:
@@ -64,13 +65,16 @@ class Checkpoint:
             path = self.folder / name
             if not path.is_file():
                 continue
+            confined(self.folder, name, what="weights file")
             if not name.endswith(".index.json"):
                 return fmt, [name]
-            try:
-                weight_map = json.loads(path.read_text())["weight_map"]
-            except (ValueError, KeyError, OSError) as exc:
-                raise MergeHooksError(f"{path} is not a valid weight index: {exc}") from None
+            weight_map = read_json(self.folder, name).get("weight_map")
+            if not (isinstance(weight_map, dict) and weight_map
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+                raise MergeHooksError(f"{path} is not a valid weight index: 'weight_map' must map tensor names to file names")
             files = list(dict.fromkeys(weight_map.values()))
+            for f in files:
+                confined(self.folder, f, what=f"shard named by {name}")
             missing = [f for f in files if not (self.folder / f).is_file()]
             if missing:
                 raise MergeHooksError(f"{path} names shard {missing[0]}, which is missing from {self.folder}")
@@ -93,8 +97,9 @@ class Checkpoint:
                     for other in list(self._readers):
                         self._close(other)
                     reader = TorchReader(path)
-            except (ValueError, OSError, RuntimeError) as exc:
-                raise MergeHooksError(f"cannot read weights file {path}: {exc}") from None
+            except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+                reason = "the file is empty" if path.stat().st_size == 0 else str(exc).splitlines()[0]
+                raise MergeHooksError(f"cannot read weights file {path}: {reason}") from None
             self._readers[filename] = reader
         return reader
 

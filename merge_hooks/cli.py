@@ -28,7 +28,10 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
                         help="output format(s): safetensors, bin, both, or several as FMT1,FMT2 (see 'merge-hooks formats')")
     parser.add_argument("--max-shard-size", metavar="SIZE", help="split weights into shards of at most SIZE (e.g. 5GB, 500MB)")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (keep = the first model's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (only once the new one is complete)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier merge-hooks output (only once the new one is complete)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --overwrite, replace a non-empty folder merge-hooks did not write")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
 
 
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--models", nargs="+", metavar="PATH", help="model folders or cached hub ids, in order; BASE+ADAPTER merges a LoRA adapter into BASE first")
     merge.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model, summing to 1")
     merge.add_argument("--examples", type=Path, help="JSON lines examples for mix_models_with_data")
-    merge.add_argument("-o", "--output", type=Path, help="output folder")
+    # str, not Path: Path("") is ".", and an empty -o (an unset shell variable) must be an error.
+    merge.add_argument("-o", "--output", help="output folder")
     merge.add_argument("--engine", choices=("auto", "stream", "cocktail"), help="auto (default), stream or cocktail")
     merge.add_argument("--trust-remote-code", action="store_true", default=None, help="allow models with custom code")
     merge.add_argument("--verify", action="store_true",
@@ -61,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="re-save a model folder in another format or dtype")
     convert.add_argument("src", type=Path, help="model folder to read")
-    convert.add_argument("dst", type=Path, help="folder to write")
+    convert.add_argument("dst", help="folder to write")
     _output_flags(convert)
 
     verify = commands.add_parser(
@@ -93,7 +97,7 @@ def _recipe_from_args(args: argparse.Namespace):
         "examples": str(args.examples) if args.examples else None,
         "engine": args.engine,
         "trust_remote_code": args.trust_remote_code,
-        "output.path": str(args.output) if args.output else None,
+        "output.path": args.output,
         "output.save_format": args.save_format,
         "output.max_shard_size": args.max_shard_size,
         "output.dtype": args.dtype,
@@ -135,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         from .pipeline import run_recipe
 
         recipe = _recipe_from_args(args)
-        result = run_recipe(recipe, overwrite=args.overwrite, quiet=args.quiet, verify=args.verify)
+        result = run_recipe(recipe, overwrite=args.overwrite, force=args.force, quiet=args.quiet, verify=args.verify)
         if not args.quiet:
             print(_summary(result, verb="wrote" if not args.verify else "wrote and verified"))
         return 0
@@ -157,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size or "5GB",
             dtype=args.dtype or "keep",
             overwrite=args.overwrite,
+            force=args.force,
             quiet=args.quiet,
         )
         if not args.quiet:

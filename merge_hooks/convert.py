@@ -22,11 +22,12 @@ from .formats import (
     preflight_formats,
     write_formats,
 )
+from .paths import check_tree, read_json
 from .pipeline import MergeResult, folder_listing
 from .preflight import check_disk_space, check_output, read_config, resolve_model_path
 from .progress import byte_progress
 from .sidecar import write_config
-from .staging import staged_output
+from .staging import claimed_output, staged_output
 from .tensors import TensorSource, TensorSpec
 from .recipe import OutputOptions, describe_validation_error
 
@@ -42,7 +43,7 @@ def _refresh_provenance(
     """
     info_path = directory / INFO_NAME
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
+        info = read_json(directory, INFO_NAME)
         info.update(save_format=save_format, dtype=dtype_name)
         info_path.write_text(json.dumps(info, indent=2) + "\n")
     if (directory / MANIFEST_NAME).is_file():
@@ -57,12 +58,15 @@ def convert(
     max_shard_size: Union[int, str] = "5GB",
     dtype: str = "keep",
     overwrite: bool = False,
+    force: bool = False,
     quiet: bool = False,
     **format_options: Any,
 ) -> MergeResult:
     """Write the model in ``src`` to ``dst`` in ``save_format``, with every non-weight file copied along.
 
     ``format_options`` are the formats' own output options (``gguf_type="q8_0"``), as in a recipe's ``output``.
+    ``dst`` follows the rules of :func:`merge_hooks.paths.check_output_location` (never ``src`` or a folder
+    around or inside it; ``overwrite`` replaces merge-hooks outputs, ``force`` with it any folder).
 
     Example:
         >>> convert("merged-safetensors", "merged-bin", save_format="bin")
@@ -79,25 +83,28 @@ def convert(
     shard_bytes = output.max_shard_bytes
     source_dir = resolve_model_path(str(src))
     config = read_config(source_dir, str(src))
-    target = check_output(Path(dst), overwrite=overwrite, inputs=(source_dir,))
+    target = check_output(dst, overwrite=overwrite, force=force, inputs=(source_dir,))
     preflight_formats(formats, PreflightContext(model_dir=source_dir, config=config, model_type=None, output=output,
                                                 formats=format_names))
-    with Checkpoint(source_dir) as checkpoint:
+    with claimed_output(target) as claim, Checkpoint(source_dir) as checkpoint:
+        check_output(target, overwrite=overwrite, force=force, inputs=(source_dir,))
+        extras = [entry.name for entry in source_dir.iterdir()
+                  if entry.name != "config.json" and not is_weight_file(entry.name)]
+        for name in extras:
+            check_tree(source_dir, name, what="file")
         out = output_dtype(dtype, checkpoint.dtype)
         specs = [TensorSpec(s.name, written_dtype(s.dtype, out), s.shape) for s in checkpoint.specs.values()]
         out_dtypes = {s.name: s.dtype for s in specs}
         tensors = TensorSource(specs=specs, get=lambda name: checkpoint.get(name).to(out_dtypes[name].torch))
         check_disk_space(target.parent, tensors.total_bytes * sum(fmt.size_factor for fmt in formats))
-        with staged_output(target) as staging:
+        with staged_output(target, claim=claim) as staging:
             digests: dict[Path, str] = {}
             writing = sum(fmt.size_factor for fmt in formats if fmt.write is not None)
             with byte_progress(tensors.total_bytes * writing, "converting", quiet=quiet) as advance:
                 options = WriteOptions(shard_bytes, progress=advance, digests=digests, formats=format_names,
                                        model_dir=source_dir, config=config, output_name=target.name, output=output)
                 written = write_formats(tensors, staging, formats, options)
-            for entry in source_dir.iterdir():
-                if entry.name == "config.json" or is_weight_file(entry.name):
-                    continue
+            for entry in (source_dir / name for name in extras):
                 if entry.is_dir():
                     shutil.copytree(entry, staging / entry.name)
                 else:

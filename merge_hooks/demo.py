@@ -276,7 +276,10 @@ def _cached_variant(base: Path, out_dir: Path, *, pairs: Sequence[Pair]) -> Path
     if out_dir.is_dir() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         log.info("reusing the fine-tuned variant in %s", out_dir)
         return out_dir
-    stamp_file.unlink(missing_ok=True)
+    # The stamp is written before every build, so a folder without one is not the demo's to delete.
+    if out_dir.exists() and not stamp_file.is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise MergeHooksError(f"{out_dir} exists and was not made by the demo; remove it or choose another --workdir")
+    stamp_file.write_text("building\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     log.info("fine-tuning a domain variant of %s into %s", base, out_dir)

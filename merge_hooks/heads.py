@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .errors import MergeHooksError
+from .paths import confined
 
 if TYPE_CHECKING:
     import torch
@@ -28,8 +29,11 @@ Heads = dict[str, dict[str, "torch.Tensor"]]
 
 
 def heads_present(folder: Path) -> list[str]:
-    """The head files (of :data:`HEAD_FILES`) that exist in ``folder``."""
-    return [name for name in HEAD_FILES if (Path(folder) / name).is_file()]
+    """The head files (of :data:`HEAD_FILES`) that exist in ``folder`` (each must lie inside it)."""
+    present = [name for name in HEAD_FILES if (Path(folder) / name).is_file()]
+    for name in present:
+        confined(folder, name, what="bge-m3 head")
+    return present
 
 
 def load_head(path: Path) -> dict[str, "torch.Tensor"]:

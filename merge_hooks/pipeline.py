@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +19,7 @@ from .card import MergeInfo, hash_files, write_manifest, write_provenance
 from .engines import EngineResult, output_dtype, written_dtype
 from .errors import MergeHooksError
 from .formats import (
+    OutputFormat,
     PreflightContext,
     WriteOptions,
     expand_formats,
@@ -28,11 +31,14 @@ from .heads import heads_present, merge_heads, write_heads
 from .preflight import InputModel, check_disk_space, check_output, load_inputs
 from .progress import byte_progress, loader_progress_bars
 from .recipe import Recipe
-from .sidecar import write_sidecars
-from .staging import staged_output
+from .units import format_size
+from .sidecar import copy_code_files, write_sidecars
+from .staging import Claim, claimed_output, staged_output
 
 logger = logging.getLogger(__name__)
 
+# mix_models_with_data scores every example with every model: far fewer than this is already slow.
+MAX_EXAMPLES_BYTES = 1 << 30
 # Room for config, tokenizer and other sidecar files on top of the weights.
 SIDECAR_ALLOWANCE = 64 * 10**6
 
@@ -59,12 +65,39 @@ def folder_listing(folder: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
 
-def load_examples(path: Path, model_type: str, *, neg_number: int) -> list[dict]:
-    """Read ``mix_models_with_data`` examples: JSON lines (or one JSON list) of LM_Cocktail's example dicts."""
+def _read_examples_text(path: Path) -> str:
+    """The examples file's text; only a regular file of at most MAX_EXAMPLES_BYTES is read.
+
+    Opened non-blocking and checked on the open descriptor, so a named pipe or device is refused
+    instead of hanging or filling memory.
+    """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise MergeHooksError(f"cannot read examples file {path}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise MergeHooksError(f"examples file {path} is not a regular file; give a JSON lines file")
+    if st.st_size > MAX_EXAMPLES_BYTES:
+        os.close(fd)
+        raise MergeHooksError(
+            f"examples file {path} has {format_size(st.st_size)}, more than the {format_size(MAX_EXAMPLES_BYTES)} "
+            "merge-hooks reads; a few hundred examples are enough to choose weights"
+        )
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_EXAMPLES_BYTES + 1)
+    if len(data) > MAX_EXAMPLES_BYTES:
+        raise MergeHooksError(f"examples file {path} grew past {format_size(MAX_EXAMPLES_BYTES)} while being read")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MergeHooksError(f"examples file {path} is not UTF-8 text: {exc}") from None
+
+
+def load_examples(path: Path, model_type: str, *, neg_number: int) -> list[dict]:
+    """Read ``mix_models_with_data`` examples: JSON lines (or one JSON list) of LM_Cocktail's example dicts."""
+    text = _read_examples_text(Path(path))
     try:
         stripped = text.lstrip()
         if stripped.startswith("["):
@@ -79,6 +112,8 @@ def load_examples(path: Path, model_type: str, *, neg_number: int) -> list[dict]
     for i, example in enumerate(examples, 1):
         if not isinstance(example, dict) or any(key not in example for key in required):
             raise MergeHooksError(f"{path}: example {i} needs the keys {', '.join(required)} for a {model_type} merge")
+        if model_type == "encoder" and not isinstance(example["neg"], list):
+            raise MergeHooksError(f"{path}: example {i} needs 'neg' to be a list of texts")
         if model_type == "encoder" and len(example["neg"]) < neg_number:
             raise MergeHooksError(
                 f"{path}: example {i} has {len(example['neg'])} negatives, fewer than neg_number={neg_number}"
@@ -95,6 +130,7 @@ def cocktail_options(recipe: Recipe, examples: Optional[list[dict]]) -> dict[str
         "batch_size": recipe.batch_size,
         "max_input_length": recipe.max_input_length,
         "neg_number": recipe.neg_number,
+        "trust_remote_code": recipe.trust_remote_code,
     }
 
 
@@ -157,10 +193,14 @@ def _dtype_name(dtype) -> Optional[str]:
     return dtype.name if dtype is not None else None
 
 
-def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, verify: bool = False) -> MergeResult:
+def run_recipe(
+    recipe: Recipe, *, overwrite: bool = False, force: bool = False, quiet: bool = False, verify: bool = False
+) -> MergeResult:
     """Run a whole merge and write the result atomically to ``recipe.output.path``.
 
-    All checks run before any model is merged; on any error nothing is written. With ``verify``, the
+    All checks run before any model is merged; on any error nothing is written. ``overwrite`` replaces
+    an earlier merge-hooks output, ``force`` (with ``overwrite``) any other non-empty folder; an output that
+    is, holds or lies inside an input is always refused (see :mod:`merge_hooks.paths`). With ``verify``, the
     written folder is checked (complete, loads with transformers and the other loaders that apply, see
     :func:`merge_hooks.verify.verify_folder`) before it replaces anything; a failed check is a
     :class:`MergeHooksError` and nothing is written.
@@ -170,12 +210,24 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
         >>> result.files
         [('config.json', 712), ('pytorch_model.bin', 438012345), ...]
     """
+    if not isinstance(recipe, Recipe):
+        raise MergeHooksError(f"run_recipe needs a Recipe (see load_recipe, recipe_from_dict), got {type(recipe).__name__}")
     formats = expand_formats(recipe.output.formats)
+    local = tuple(Path(p).expanduser() for p in recipe.model_paths if Path(p).expanduser().exists())
+    target = check_output(recipe.output.path, overwrite=overwrite, force=force, inputs=local)
+    with claimed_output(target) as claim:
+        return _run_claimed(recipe, formats, claim, overwrite=overwrite, force=force, quiet=quiet, verify=verify)
+
+
+def _run_claimed(
+    recipe: Recipe, formats: list[OutputFormat], claim: Claim, *, overwrite: bool, force: bool, quiet: bool, verify: bool
+) -> MergeResult:
+    target = claim.target
     format_names = tuple(fmt.name for fmt in formats)
-    target = check_output(recipe.output.path, overwrite=overwrite)
     models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, adapters=adapter_requests(recipe))
     try:
-        check_output(target, overwrite=overwrite, inputs=(*[m.path for m in models], *adapter_folders(models)))
+        # Again now that the inputs are resolved and the target is locked: what it holds now is what may be replaced.
+        check_output(target, overwrite=overwrite, force=force, inputs=(*[m.path for m in models], *adapter_folders(models)))
         first = models[0]
         preflight_formats(formats, PreflightContext(model_dir=first.path, config=first.config,
                                                     model_type=recipe.model_type, output=recipe.output,
@@ -210,7 +262,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
                 m3_heads=m3_heads,
                 adapters=adapter_provenance(models),
             )
-            with staged_output(target) as staging:
+            with staged_output(target, claim=claim) as staging:
                 digests: dict[Path, str] = {}
                 writing = sum(fmt.size_factor for fmt in formats if fmt.write is not None)
                 with byte_progress(result.source.total_bytes * writing, "writing", quiet=quiet) as advance:
@@ -231,6 +283,8 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
                     architectures=result.architectures,
                 )
                 write_adapter_sidecars(first.checkpoint, staging)
+                if recipe.trust_remote_code:
+                    copy_code_files(first.path, staging)
                 if heads is not None:
                     write_heads(staging, heads)
                 finished = finish_formats(staging, formats, options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -13,6 +12,8 @@ from typing import TYPE_CHECKING, Optional
 from .checkpoint import Checkpoint
 from .errors import MergeHooksError
 from .heads import check_heads
+from .paths import check_output_location, read_json
+from .sidecar import check_sidecars
 from .units import format_size
 
 if TYPE_CHECKING:
@@ -66,23 +67,43 @@ def resolve_model_path(spec: str) -> Path:
 
 
 def read_config(path: Path, spec: str) -> dict:
-    config_path = path / "config.json"
-    if not config_path.is_file():
+    if not (path / "config.json").is_file():
         raise MergeHooksError(f"model {spec!r} has no config.json in {path}")
-    try:
-        return json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise MergeHooksError(f"{config_path} is not valid JSON: {exc}") from None
+    return read_json(path, "config.json")
+
+
+# Files whose ``auto_map`` makes transformers import the model's own Python code.
+CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                "feature_extractor_config.json", "image_processor_config.json", "video_preprocessor_config.json")
+
+
+def custom_code(path: Path) -> list[str]:
+    """Why loading the model folder ``path`` would run code of its own: one line per file that asks for it.
+
+    transformers imports the model's Python files for an ``auto_map`` in any of :data:`CODE_CONFIGS`;
+    sentence-transformers imports the module classes ``modules.json`` names outside its own package.
+    """
+    reasons = []
+    for name in CODE_CONFIGS:
+        if (path / name).is_file() and "auto_map" in read_json(path, name):
+            reasons.append(f"auto_map in its {name}")
+    if (path / "modules.json").is_file():
+        for module in read_json(path, "modules.json", kind=list):
+            kind = module.get("type") if isinstance(module, dict) else None
+            if isinstance(kind, str) and not kind.startswith("sentence_transformers."):
+                reasons.append(f"module type {kind} in its modules.json")
+    return reasons
 
 
 def check_remote_code(models: list[InputModel], *, trust_remote_code: bool) -> None:
-    """Custom modelling code runs only when the user opted in (LM_Cocktail always runs it)."""
+    """Custom code runs only when the user opted in (LM_Cocktail always allows it, for every load)."""
     if trust_remote_code:
         return
     for model in models:
-        if "auto_map" in model.config:
+        reasons = custom_code(model.path)
+        if reasons:
             raise MergeHooksError(
-                f"model {model.spec!r} uses custom code (auto_map in its config.json); merge-hooks runs it only "
+                f"model {model.spec!r} uses custom code ({', '.join(reasons)}); merge-hooks runs it only "
                 "with 'trust_remote_code: true' in the recipe or --trust-remote-code"
             )
 
@@ -105,6 +126,15 @@ def prefix_map(base: set[str], other: set[str]) -> Optional[dict[str, str]]:
         if renamed and len(mapping) == len(base) and len(set(mapping.values())) == len(base):
             return mapping
     return None
+
+
+def dtype_kind(dtype) -> str:
+    """floating, integer, bool or complex: values of different kinds cannot be mixed."""
+    if dtype.name.startswith("complex"):
+        return "complex"
+    if dtype.name == "bool":
+        return "bool"
+    return "floating" if dtype.is_floating_point else "integer"
 
 
 def check_same_architecture(models: list[InputModel]) -> None:
@@ -135,6 +165,12 @@ def check_same_architecture(models: list[InputModel]) -> None:
                     f"models {first.spec!r} and {model.spec!r} differ in tensor {name!r}: "
                     f"shape {list(spec.shape)} vs {list(theirs.shape)}"
                 )
+            if dtype_kind(theirs.dtype) != dtype_kind(spec.dtype):
+                raise MergeHooksError(
+                    f"models {first.spec!r} and {model.spec!r} differ in tensor {name!r}: "
+                    f"{spec.dtype} ({dtype_kind(spec.dtype)}) vs {theirs.dtype} ({dtype_kind(theirs.dtype)}); "
+                    "a merge needs the same kind of values in every model"
+                )
 
 
 def load_inputs(
@@ -156,6 +192,7 @@ def load_inputs(
 
             attach_requests(models, adapters)
         check_remote_code(models, trust_remote_code=trust_remote_code)
+        check_sidecars(models[0].path)
         check_same_architecture(models)
         check_heads(models)
     except BaseException:
@@ -165,19 +202,11 @@ def load_inputs(
     return models
 
 
-def check_output(path: Optional[Path], *, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
-    """The output location is usable: not a file, empty or absent unless ``overwrite``, not an input."""
-    if path is None:
-        raise MergeHooksError("no output folder given: set output.path in the recipe or pass --output")
-    path = Path(path).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise MergeHooksError(f"output path {path} is a file; give a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise MergeHooksError(f"output folder {path} exists and is not empty; pass --overwrite to replace it")
-    for source in inputs:
-        if path == source.absolute() or path in source.absolute().parents:
-            raise MergeHooksError(f"output folder {path} would replace input model {source}")
-    return path
+def check_output(
+    path: Optional[Path], *, overwrite: bool, force: bool = False, inputs: tuple[Path, ...] = ()
+) -> Path:
+    """The output location is usable; see :func:`merge_hooks.paths.check_output_location`. Returns it resolved."""
+    return check_output_location(path, overwrite=overwrite, force=force, inputs=inputs)
 
 
 def check_disk_space(directory: Path, needed: int) -> None:

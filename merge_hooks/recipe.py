@@ -82,6 +82,14 @@ class OutputOptions(_Strict):
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE
     dtype: DType = "keep"
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        # Path("") is ".": an empty path (an unset shell variable) would otherwise name the current directory.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("the output path is empty; give the folder to write")
+        return value
+
     @field_validator("save_format")
     @classmethod
     def _known_formats(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:

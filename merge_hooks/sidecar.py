@@ -8,6 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from .errors import MergeHooksError
+from .paths import check_tree, confined, inside, read_json
+
 logger = logging.getLogger(__name__)
 
 # Tokenizer files are copied, never re-saved: a tokenizer re-saved by transformers 5 can be unloadable
@@ -36,7 +39,7 @@ def write_config(source: Path, directory: Path, *, dtype_name: Optional[str], ar
     transformers 4.56+ writes ``dtype``, older releases ``torch_dtype``; both stacks read either.
     The field the source uses is updated; a config with neither gets ``torch_dtype``.
     """
-    config = json.loads((source / "config.json").read_text())
+    config = read_json(source, "config.json")
     if dtype_name is not None:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
         for key in keys:
@@ -51,9 +54,58 @@ def copy_tokenizer_and_generation_files(source: Path, directory: Path) -> list[s
     copied = []
     for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
         if (source / name).is_file():
-            shutil.copy2(source / name, directory / name)
+            shutil.copy2(confined(source, name), directory / name)
             copied.append(name)
     return copied
+
+
+def _code_modules(auto_map: object) -> set[str]:
+    """Module names of an ``auto_map``'s class references (``modeling_x.XModel``; ``repo--mod.Cls`` names
+    code in another repo, which transformers fetches itself)."""
+    refs = auto_map.values() if isinstance(auto_map, dict) else []
+    modules = set()
+    for ref in refs:
+        for item in ref if isinstance(ref, list) else [ref]:
+            if isinstance(item, str) and "--" not in item and "." in item:
+                modules.add(item.rsplit(".", 1)[0])
+    return modules
+
+
+def copy_code_files(source: Path, directory: Path) -> list[str]:
+    """Copy the Python files the source's ``auto_map`` entries name, and the files they import relatively,
+    so a custom-code model's output loads with ``trust_remote_code=True``; return the names copied.
+
+    Example:
+        >>> copy_code_files(Path("custom-model"), Path("merged"))
+        ['configuration_custom.py', 'modeling_custom.py']
+    """
+    from .preflight import CODE_CONFIGS
+
+    wanted = set()
+    for name in CODE_CONFIGS:
+        if (source / name).is_file():
+            wanted |= {f"{module.replace('.', '/')}.py" for module in _code_modules(read_json(source, name).get("auto_map"))}
+    if not wanted:
+        return []
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    copied: set[str] = set()
+    while wanted:
+        name = wanted.pop()
+        if name in copied:
+            continue
+        path = confined(source, name, what="custom code file")
+        if not path.is_file():
+            raise MergeHooksError(f"the auto_map of {source} names {name}, which is missing from that folder")
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+        copied.add(name)
+        for module in get_relative_imports(str(path)):
+            relative = (Path(name).parent / f"{module.replace('.', '/')}.py").as_posix()
+            if inside(source, relative):
+                wanted.add(relative)
+    return sorted(copied)
 
 
 # sentence-transformers >= 5.4 writes new module type paths and configs, which releases <= 5.3 cannot
@@ -89,16 +141,30 @@ def _write_legacy_layout(modules: list[dict], directory: Path, *, max_seq_length
     for module, kind in zip(modules, kinds):
         module["type"] = _LEGACY_MODULE_TYPES[kind]
         if kind == "Pooling":
-            pooling_path = directory / module["path"] / "config.json"
-            pooling_path.write_text(json.dumps(_legacy_pooling_config(json.loads(pooling_path.read_text())), indent=2) + "\n")
+            pooling_name = f"{module['path']}/config.json"
+            pooling = _legacy_pooling_config(read_json(directory, pooling_name))
+            (directory / pooling_name).write_text(json.dumps(pooling, indent=2) + "\n")
     st_config_path = directory / "sentence_bert_config.json"
-    st_config = json.loads(st_config_path.read_text()) if st_config_path.is_file() else {}
+    st_config = read_json(directory, st_config_path.name) if st_config_path.is_file() else {}
     st_config_path.write_text(json.dumps({
         "max_seq_length": st_config.get("max_seq_length", max_seq_length),
         "do_lower_case": st_config.get("do_lower_case", False),
     }, indent=2) + "\n")
     (directory / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
     return True
+
+
+def _read_modules(source: Path) -> list[dict]:
+    """``modules.json``: a list of modules, each with a string ``type`` and a ``path`` inside the folder."""
+    modules = read_json(source, "modules.json", kind=list)
+    for i, module in enumerate(modules):
+        if not (isinstance(module, dict) and isinstance(module.get("type"), str)
+                and isinstance(module.setdefault("path", ""), str)):
+            raise MergeHooksError(f"{source / 'modules.json'}: module {i} needs a string 'type' and 'path'")
+        if module["path"]:
+            # The same relative path is written into the output: it must stay inside both folders.
+            confined(source, module["path"], what="sentence-transformers module")
+    return modules
 
 
 def copy_sentence_transformers_files(source: Path, directory: Path, *, max_seq_length: int = 512) -> bool:
@@ -110,12 +176,12 @@ def copy_sentence_transformers_files(source: Path, directory: Path, *, max_seq_l
     modules_path = source / "modules.json"
     if not modules_path.is_file():
         return False
-    modules = json.loads(modules_path.read_text())
+    modules = _read_modules(source)
     for name in ST_FILES:
         if (source / name).is_file():
-            shutil.copy2(source / name, directory / name)
-    for module_dir in (m["path"] for m in modules if m.get("path")):
-        src = source / module_dir
+            shutil.copy2(confined(source, name), directory / name)
+    for module_dir in (m["path"] for m in modules if m["path"]):
+        src = check_tree(source, module_dir, what="sentence-transformers module")
         if src.is_dir():
             shutil.copytree(src, directory / module_dir, dirs_exist_ok=True)
             if any(p.suffix in {".safetensors", ".bin", ".pt"} for p in src.rglob("*")):
@@ -161,10 +227,25 @@ def max_seq_length(source: Path, config: dict) -> int:
     limit = config.get("max_position_embeddings", 512)
     tok_config = source / "tokenizer_config.json"
     if tok_config.is_file():
-        model_max = json.loads(tok_config.read_text()).get("model_max_length")
+        model_max = read_json(source, tok_config.name).get("model_max_length")
         if isinstance(model_max, int) and 0 < model_max < limit:
             limit = model_max
     return int(limit)
+
+
+def check_sidecars(source: Path) -> None:
+    """Check every file :func:`write_sidecars` will read from ``source`` (inside the folder, well-formed JSON),
+    so a bad one stops the run before anything is merged."""
+    read_json(source, "config.json")
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG, *ST_FILES):
+        if (source / name).is_file() or (source / name).is_symlink():
+            confined(source, name)
+    if (source / "tokenizer_config.json").is_file():
+        read_json(source, "tokenizer_config.json")
+    if (source / "modules.json").is_file():
+        for module in _read_modules(source):
+            if module["path"]:
+                check_tree(source, module["path"], what="sentence-transformers module")
 
 
 def write_sidecars(

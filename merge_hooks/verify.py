@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from .card import MANIFEST_NAME, MergeInfo, folder_files, read_manifest, sha256_file
 from .checkpoint import BIN_NAME, SAFETENSORS_NAME, Checkpoint
 from .errors import MergeHooksError
+from .paths import inside
 from .heads import COLBERT_FILE, HEAD_FILES, SPARSE_FILE, heads_present, load_head
 from .progress import loader_progress_bars
 
@@ -148,7 +149,9 @@ def _check_manifest(folder: Path, report: VerifyReport, *, hashes: bool) -> None
     problems = []
     for name, entry in sorted(listed.items()):
         path = folder / name
-        if not path.is_file():
+        if not inside(folder, name):
+            problems.append(f"{name!r} is listed in {MANIFEST_NAME} but lies outside the folder; it was not opened")
+        elif not path.is_file():
             problems.append(f"{name} is listed in {MANIFEST_NAME} but missing")
         elif path.stat().st_size != entry["size"]:
             problems.append(f"{name} has {path.stat().st_size} bytes, {MANIFEST_NAME} says {entry['size']}")
@@ -192,6 +195,9 @@ def _layout_files(folder: Path, weights_name: str, report: VerifyReport) -> Opti
         return None
     if single:
         report.problems += [f"{name} lies beside {weights_name} and no index names it" for name in shards_on_disk]
+        if not inside(folder, weights_name):
+            report.problems.append(f"{weights_name} is a symlink out of the folder; it was not opened")
+            return None
         return {weights_name: None}
     if not index:
         report.problems += [f"shard {name} has no {index_name}" for name in shards_on_disk]
@@ -205,6 +211,9 @@ def _layout_files(folder: Path, weights_name: str, report: VerifyReport) -> Opti
         return None
     files: dict[str, Optional[list[str]]] = {}
     for name, filename in weight_map.items():
+        if not inside(folder, filename):
+            report.problems.append(f"{index_name} names {filename!r}, which lies outside the folder; it was not opened")
+            return None
         files.setdefault(filename, []).append(name)
     report.problems += [f"shard {name} is not named in {index_name}" for name in shards_on_disk if name not in files]
     missing = {f: names for f, names in files.items() if not (folder / f).is_file()}
@@ -318,7 +327,11 @@ def _check_weights(folder: Path, report: VerifyReport, *, required: bool = True)
 
 def _check_heads(folder: Path, config: Optional[dict], report: VerifyReport) -> bool:
     """True when both bge-m3 heads are present and sound; problems when only one is, or they are broken."""
-    present = heads_present(folder)
+    try:
+        present = heads_present(folder)
+    except MergeHooksError as exc:
+        report.problems.append(str(exc))
+        return False
     if not present:
         return False
     if len(present) < len(HEAD_FILES):

@@ -88,8 +88,14 @@ def test_overwrite_replaces_output(encoders, tmp_path):
     args = ["merge", "--model-type", "encoder", "--models", *encoders, "--weights", "0.5", "0.5", "-o", out, "-q"]
     assert run_cli(*args) == 2
     assert (out / "old.txt").read_text() == "previous"
-    assert run_cli(*args, "--overwrite") == 0
+    # Not a merge-hooks output: --overwrite alone refuses it, --force replaces it.
+    assert run_cli(*args, "--overwrite") == 2
+    assert (out / "old.txt").read_text() == "previous"
+    assert run_cli(*args, "--overwrite", "--force") == 0
     assert not (out / "old.txt").exists() and weight_files(out) == ["model.safetensors"]
+    # A merge-hooks output: --overwrite replaces it.
+    assert run_cli(*args, "--overwrite") == 0
+    assert weight_files(out) == ["model.safetensors"]
     assert leftovers(tmp_path, "merged") == []
 
 

@@ -257,7 +257,7 @@ def test_merge_verify_failure_keeps_the_previous_output(make_models, tmp_path, c
     out.mkdir()
     (out / "previous.txt").write_text("good output")
     code = run_cli("merge", "--model-type", "encoder", "--models", *paths, "--weights", "0.5", "0.5", "-o", out,
-                   "--verify", "--overwrite", "-q")
+                   "--verify", "--overwrite", "--force", "-q")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2
     assert err.startswith("error: the merged output failed verification, nothing was written:")

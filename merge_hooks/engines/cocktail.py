@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ..errors import MergeHooksError
@@ -63,8 +64,23 @@ def run_cocktail(
     batch_size: int = 2,
     max_input_length: int = 2048,
     neg_number: int = 7,
+    trust_remote_code: bool = False,
 ):
-    """Run one of LM_Cocktail's merge functions; return the merged model (on the CPU) and the weights used."""
+    """Run one of LM_Cocktail's merge functions; return the merged model (on the CPU) and the weights used.
+
+    LM_Cocktail loads every model and the tokenizer with ``trust_remote_code=True``; unless
+    ``trust_remote_code``, a model that would run code of its own is refused before anything loads.
+    """
+    if not trust_remote_code:
+        from ..preflight import custom_code
+
+        for path in model_paths:
+            reasons = custom_code(Path(path))
+            if reasons:
+                raise MergeHooksError(
+                    f"model {path} uses custom code ({', '.join(reasons)}), which LM_Cocktail would run; "
+                    "allow it with 'trust_remote_code: true' in the recipe or --trust-remote-code"
+                )
     if method == "mix_models_by_layers" and model_type == "reranker":
         raise MergeHooksError(
             "LM_Cocktail 0.0.4's mix_models_by_layers crashes for rerankers; use engine 'auto' or 'stream', "

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 # The safetensors library refuses larger headers; so do we, before allocating for one.
 MAX_HEADER_SIZE = 100_000_000
+# The safetensors library computes sizes in 64-bit integers and rejects shapes that overflow them.
+MAX_ELEMENTS = 2**63 - 1
 # The library pads the header with spaces so the data section starts 8-byte aligned.
 HEADER_ALIGNMENT = 8
 
@@ -88,6 +90,18 @@ def _read_header(f, path: str) -> tuple[dict[str, TensorSpec], dict[str, tuple[i
         entries.append((begin, spec, (data_start + begin, data_start + end)))
     # Sorting by offset makes a reader that follows `specs` read the file front to back.
     entries.sort(key=lambda entry: entry[0])
+    # As the safetensors library validates: the tensors tile the data section exactly, no overlap, no gap.
+    expected = 0
+    for begin, spec, (_, end) in entries:
+        if begin != expected:
+            what = "overlaps the tensor before it" if begin < expected else "leaves a gap before it"
+            raise ValueError(f"{path}: corrupt safetensors header, tensor {spec.name!r} {what} (data_offsets start {begin})")
+        expected = end - data_start
+    if data_start + expected != file_size:
+        raise ValueError(
+            f"{path}: corrupt safetensors file, the tensors' data ends at byte {data_start + expected} "
+            f"but the file has {file_size}"
+        )
     specs = {spec.name: spec for _, spec, _ in entries}
     ranges = {spec.name: byte_range for _, spec, byte_range in entries}
     return specs, ranges, metadata
@@ -100,8 +114,13 @@ def _parse_entry(path: str, name: str, info: object) -> tuple[TensorSpec, int, i
         raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
     if code not in BY_CODE:
         raise ValueError(f"{path}: tensor {name!r} has dtype {code!r}, which merge-hooks does not know")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise ValueError(f"{path}: corrupt safetensors header, tensor {name!r} has shape {shape!r}")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if dim > MAX_ELEMENTS or numel > MAX_ELEMENTS:
+            raise ValueError(f"{path}: corrupt safetensors header, tensor {name!r} has an impossible shape {shape!r}")
     spec = TensorSpec(name, BY_CODE[code], tuple(shape))
     if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin and end - begin == spec.nbytes):
         raise ValueError(
