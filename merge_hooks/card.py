@@ -82,6 +82,7 @@ class MergeInfo:
     save_format: str
     dtype: Optional[str]
     m3_heads: bool = False
+    seed: Optional[int] = None
     versions: dict[str, str] = field(default_factory=installed_versions)
 
     @classmethod
@@ -151,6 +152,12 @@ def _load_snippet(info: MergeInfo, location: str) -> str:
     return "\n".join(lines)
 
 
+def _examples(recipe: "Recipe") -> str:
+    if isinstance(recipe.examples, list):
+        return f"the {len(recipe.examples)} examples recorded in `{RECIPE_NAME}`"
+    return f"the examples in `{recipe.examples}`"
+
+
 def render_card(info: MergeInfo, recipe: "Recipe", *, location: str) -> str:
     """The ``README.md`` of a merged folder: YAML front matter, then a description of the merge.
 
@@ -164,8 +171,9 @@ def render_card(info: MergeInfo, recipe: "Recipe", *, location: str) -> str:
     name = Path(location).name or location
     if recipe.method == "mix_models_with_data":
         how = (
-            f"LM_Cocktail's `mix_models_with_data`: each model's weight comes from its loss on the examples in "
-            f"`{recipe.examples}` (softmax of -loss / temperature {recipe.temperature:g}), then every tensor is "
+            f"LM_Cocktail's `mix_models_with_data`: each model's weight comes from its loss on {_examples(recipe)} "
+            f"(softmax of -loss / temperature {recipe.temperature:g}"
+            f"{'' if info.seed is None else f', negatives sampled with seed {info.seed}'}), then every tensor is "
             "the weighted sum of the models' tensors."
         )
     elif recipe.method == "mix_models_by_layers":

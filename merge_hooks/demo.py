@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -184,6 +185,14 @@ def retrieval_accuracy(model_dir: Path, pairs: Sequence[Pair]) -> float:
     return _accuracy(_load_sentence_transformer(Path(model_dir)), pairs)
 
 
+def default_workdir() -> Path:
+    """Where ``merge-hooks demo`` writes unless told: the user's cache (``$XDG_CACHE_HOME``), not the current folder.
+
+    The variant and the merge take about 180 MB; kept in the cache, the variant is reused by the next run.
+    """
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "merge-hooks" / "demo"
+
+
 def run_demo(workdir: Path, *, quiet: bool = False) -> str:
     """Fine-tune a domain variant of all-MiniLM-L6-v2, merge it with the base, and report.
 
@@ -199,7 +208,8 @@ def run_demo(workdir: Path, *, quiet: bool = False) -> str:
     from merge_hooks.pipeline import run_recipe
     from merge_hooks.recipe import load_recipe
 
-    workdir = Path(workdir)
+    # Absolute: a relative "dir/name" folder looks like a hub id to the loaders, which then ask the hub.
+    workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     by_split: dict[str, list[Pair]] = {split: [] for split in SPLITS}
     for pair in load_pairs():
@@ -252,7 +262,7 @@ def _embed(model: "torch.nn.Module", tokenizer, texts: list[str]) -> "torch.Tens
 def _load_sentence_transformer(model_dir: Path) -> "SentenceTransformer":
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(model_dir), device="cpu")
+    return SentenceTransformer(str(Path(model_dir).absolute()), device="cpu", local_files_only=True)
 
 
 def _accuracy(model: "SentenceTransformer", pairs: Sequence[Pair]) -> float:

@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .card import MergeInfo, hash_files, write_manifest, write_provenance
 from .engines import EngineResult, output_dtype, written_dtype
@@ -51,31 +51,34 @@ def folder_listing(folder: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
 
-def load_examples(path: Path, model_type: str, *, neg_number: int) -> list[dict]:
-    """Read ``mix_models_with_data`` examples: JSON lines (or one JSON list) of LM_Cocktail's example dicts."""
+def load_examples(source: Union[Path, list[dict]], model_type: str, *, neg_number: int) -> list[dict]:
+    """``mix_models_with_data`` examples, checked: a list of LM_Cocktail's example dicts as it is, or read
+    from a file of JSON lines (or one JSON list)."""
+    examples, name = (source, "examples") if isinstance(source, list) else (_read_examples(Path(source)), str(source))
+    required = ("input", "output") if model_type == "decoder" else ("query", "pos", "neg")
+    if not examples:
+        raise MergeHooksError(f"{name} holds no examples")
+    for i, example in enumerate(examples, 1):
+        if not isinstance(example, dict) or any(key not in example for key in required):
+            raise MergeHooksError(f"{name}: example {i} needs the keys {', '.join(required)} for a {model_type} merge")
+        if model_type == "encoder" and len(example["neg"]) < neg_number:
+            raise MergeHooksError(
+                f"{name}: example {i} has {len(example['neg'])} negatives, fewer than neg_number={neg_number}"
+            )
+    return examples
+
+
+def _read_examples(path: Path) -> list:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise MergeHooksError(f"cannot read examples file {path}: {exc.strerror or exc}") from None
     try:
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            examples = json.loads(text)
-        else:
-            examples = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
     except ValueError as exc:
         raise MergeHooksError(f"{path} is not JSON lines: {exc}") from None
-    required = ("input", "output") if model_type == "decoder" else ("query", "pos", "neg")
-    if not examples:
-        raise MergeHooksError(f"{path} holds no examples")
-    for i, example in enumerate(examples, 1):
-        if not isinstance(example, dict) or any(key not in example for key in required):
-            raise MergeHooksError(f"{path}: example {i} needs the keys {', '.join(required)} for a {model_type} merge")
-        if model_type == "encoder" and len(example["neg"]) < neg_number:
-            raise MergeHooksError(
-                f"{path}: example {i} has {len(example['neg'])} negatives, fewer than neg_number={neg_number}"
-            )
-    return examples
 
 
 def cocktail_options(recipe: Recipe, examples: Optional[list[dict]]) -> dict[str, Any]:
@@ -87,6 +90,8 @@ def cocktail_options(recipe: Recipe, examples: Optional[list[dict]]) -> dict[str
         "batch_size": recipe.batch_size,
         "max_input_length": recipe.max_input_length,
         "neg_number": recipe.neg_number,
+        "seed": recipe.seed,
+        "trust_remote_code": recipe.trust_remote_code,
     }
 
 
@@ -100,22 +105,24 @@ def choose_engine(recipe: Recipe, models: list[InputModel]) -> str:
 
 
 def _merge(
-    recipe: Recipe, models: list[InputModel], engine: str, examples: Optional[list[dict]], dtype, *, arrays: bool
+    recipe: Recipe, models: list[InputModel], engine: str, examples: Optional[list[dict]], dtype, *, arrays: bool,
+    quiet: bool,
 ) -> EngineResult:
     paths = [m.path for m in models]
     if engine == "cocktail":
         from .engines.cocktail import cocktail_merge
 
         return cocktail_merge(
-            recipe.method, [str(p) for p in paths], recipe.model_type, dtype=dtype, **cocktail_options(recipe, examples)
+            recipe.method, [str(p) for p in paths], recipe.model_type, dtype=dtype, quiet=quiet,
+            **cocktail_options(recipe, examples),
         )
     from .engines.stream import stream_merge
 
     if examples is not None:
         from .engines import collecting_garbage
-        from .engines.weights import compute_weights
+        from .engines.weights import compute_weights, seeded
 
-        with collecting_garbage():
+        with collecting_garbage(), seeded(recipe.seed):
             weights = compute_weights(
                 paths,
                 recipe.model_type,
@@ -130,6 +137,19 @@ def _merge(
     else:
         weights = recipe.weights
     return stream_merge(models, weights, dtype=dtype, arrays=arrays)
+
+
+def merge_tensors(recipe: Recipe, models: list[InputModel], *, dtype, quiet: bool = True) -> EngineResult:
+    """Merge ``models`` as ``recipe`` says into floating tensors of ``dtype``, writing nothing.
+
+    This is the Python API's ``output_path=None``; the caller closes the result.
+    """
+    examples = None
+    if recipe.method == "mix_models_with_data":
+        examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)
+    engine = choose_engine(recipe, models)
+    with loader_progress_bars(enabled=not quiet):
+        return _merge(recipe, models, engine, examples, dtype, arrays=False, quiet=quiet)
 
 
 def _verify_staging(staging: Path, *, trust_remote_code: bool) -> None:
@@ -179,7 +199,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
         # Only LM_Cocktail and the example scoring load models through transformers.
         loads_models = engine == "cocktail" or examples is not None
         with loader_progress_bars(enabled=not (quiet and loads_models)):
-            result = _merge(recipe, models, engine, examples, dtype, arrays=fmt.takes_arrays)
+            result = _merge(recipe, models, engine, examples, dtype, arrays=fmt.takes_arrays, quiet=quiet)
         try:
             # LM_Cocktail never merges bge-m3's heads, whichever engine ran.
             heads = merge_heads([m.path for m in models], result.weights, dtype=result.dtype) if m3_heads else None
@@ -192,6 +212,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
                 save_format=fmt.name,
                 dtype=_dtype_name(result.dtype),
                 m3_heads=m3_heads,
+                seed=recipe.seed,
             )
             with staged_output(target) as staging:
                 digests: dict[Path, str] = {}

@@ -41,7 +41,8 @@ def resolve_model_path(spec: str) -> Path:
     if path.exists():
         if not path.is_dir():
             raise MergeHooksError(f"model {spec!r} is a file; give the folder that holds config.json")
-        return path
+        # Absolute: loaders take a relative "dir/name" that is not a folder of *their* cwd for a hub id.
+        return path.absolute()
     if not _HUB_ID.match(spec) or spec.startswith("."):
         raise MergeHooksError(f"model path {spec!r} does not exist")
     from huggingface_hub import constants, snapshot_download

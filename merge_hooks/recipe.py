@@ -88,11 +88,14 @@ class Recipe(_Strict):
     method: Method = "mix_models"
     engine: Engine = "auto"
     models: list[ModelEntry]
-    examples: Optional[Path] = None
+    # A JSON lines file, or the examples themselves (the Python API's in-memory list, recorded as such).
+    examples: Optional[Union[Path, list[dict[str, Any]]]] = None
     temperature: float = Field(5.0, gt=0)
     batch_size: int = Field(2, ge=1)
     max_input_length: int = Field(2048, ge=1)
     neg_number: int = Field(7, ge=0)
+    # Seeds LM_Cocktail's negative sampling: mix_models_with_data then computes the same weights every run.
+    seed: Optional[int] = None
     output: OutputOptions = Field(default_factory=OutputOptions)
     trust_remote_code: bool = False
 
@@ -110,7 +113,10 @@ class Recipe(_Strict):
                 raise ValueError("mix_models_with_data computes the weights from the examples; remove 'weight' from models")
         else:
             if self.examples is not None:
-                raise ValueError(f"'examples' is only used by mix_models_with_data, not {self.method}")
+                raise ValueError(
+                    f"'examples' is only used by mix_models_with_data, not {self.method}; "
+                    "set 'method: mix_models_with_data' (and remove the weights) or remove 'examples'"
+                )
             missing = [i for i, w in enumerate(weights) if w is None]
             if missing:
                 raise ValueError(f"models.{missing[0]}.weight is missing: {self.method} needs a weight for every model")

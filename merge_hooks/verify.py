@@ -27,7 +27,7 @@ from .card import MANIFEST_NAME, MergeInfo, folder_files, read_manifest, sha256_
 from .checkpoint import BIN_NAME, SAFETENSORS_NAME, Checkpoint
 from .errors import MergeHooksError
 from .heads import COLBERT_FILE, HEAD_FILES, SPARSE_FILE, heads_present, load_head
-from .progress import loader_progress_bars
+from .progress import library_warnings_hidden, loader_progress_bars
 
 if TYPE_CHECKING:
     import torch
@@ -98,12 +98,14 @@ def verify_folder(
         if not (weights_ok and config is not None):
             report.notes.append("loaders not tried: the weights or config.json are broken")
         else:
-            with loader_progress_bars(enabled=False):
-                _check_transformers(folder, config, report, trust_remote_code=trust_remote_code)
+            # Absolute: a relative "dir/name" looks like a hub id to the loaders, which then ask the hub.
+            local = folder.absolute()
+            with loader_progress_bars(enabled=False), library_warnings_hidden():
+                _check_transformers(local, config, report, trust_remote_code=trust_remote_code)
                 if (folder / "modules.json").is_file():
-                    _check_sentence_transformers(folder, report, trust_remote_code=trust_remote_code)
+                    _check_sentence_transformers(local, report, trust_remote_code=trust_remote_code)
                 if heads_ok:
-                    _check_flagembedding(folder, report)
+                    _check_flagembedding(local, report)
     if against is not None:
         if weights_ok:
             _check_against(folder, against, report)
@@ -349,7 +351,7 @@ def _check_transformers(folder: Path, config: dict, report: VerifyReport, *, tru
     name = auto_class_name(config)
     try:
         model, info = getattr(transformers, name).from_pretrained(
-            str(folder), output_loading_info=True, trust_remote_code=trust_remote_code
+            str(folder), output_loading_info=True, trust_remote_code=trust_remote_code, local_files_only=True
         )
     except Exception as exc:  # any failure to load is the finding; its type varies by transformers release
         report.problems.append(f"transformers {name} cannot load the folder: {_first_line(exc)}")
@@ -371,7 +373,9 @@ def _check_sentence_transformers(folder: Path, report: VerifyReport, *, trust_re
     import sentence_transformers
 
     try:
-        model = sentence_transformers.SentenceTransformer(str(folder), device="cpu", trust_remote_code=trust_remote_code)
+        model = sentence_transformers.SentenceTransformer(
+            str(folder), device="cpu", trust_remote_code=trust_remote_code, local_files_only=True
+        )
         embedding = model.encode([PROBE_TEXT], convert_to_tensor=True)
     except Exception as exc:  # any failure to load or encode is the finding
         report.problems.append(f"sentence-transformers cannot load or run the folder: {_first_line(exc)}")
