@@ -49,7 +49,7 @@ def _merge_in_memory(recipe: Recipe, *, quiet: bool) -> Any:
     from .pipeline import choose_engine, merge_tensors
     from .preflight import load_inputs, prefix_map
 
-    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code)
+    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, revisions=recipe.revisions)
     try:
         if choose_engine(recipe, models) == "cocktail":
             result = merge_tensors(recipe, models, dtype=None, quiet=quiet)

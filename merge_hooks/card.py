@@ -29,6 +29,7 @@ from . import __version__
 from .heads import HEAD_FILES
 
 if TYPE_CHECKING:
+    from .preflight import InputModel
     from .recipe import Recipe
 
 README_NAME = "README.md"
@@ -99,6 +100,26 @@ class MergeInfo:
             return cls(**json.loads(path.read_text(encoding="utf-8")))
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path} is not a valid {INFO_NAME}: {exc}") from None
+
+
+def recorded_recipe(recipe: "Recipe", models: list["InputModel"], *, output: Path) -> "Recipe":
+    """The recipe as ``merge_recipe.yaml`` records it: replayable from any folder.
+
+    Local models and the examples file become absolute paths, hub ids get the commit that was read,
+    and the output is where the folder was written.
+    """
+    entries = []
+    for entry, model in zip(recipe.models, models):
+        if Path(entry.path).expanduser().exists():
+            entries.append(entry.model_copy(update={"path": str(model.path)}))
+        elif model.path.parent.name == "snapshots":  # the hub cache's <repo>/snapshots/<commit> folder
+            entries.append(entry.model_copy(update={"revision": model.path.name}))
+        else:
+            entries.append(entry)
+    update = {"models": entries, "output": recipe.output.model_copy(update={"path": Path(output)})}
+    if isinstance(recipe.examples, Path):
+        update["examples"] = recipe.examples.absolute()
+    return recipe.model_copy(update=update)
 
 
 def front_matter(info: MergeInfo) -> dict:
@@ -208,7 +229,7 @@ A merge of {len(info.models)} models, made with merge-hooks using {how}
 
 The exact recipe is in `{RECIPE_NAME}`, the same facts for programs in `{INFO_NAME}`, and the size and
 sha256 of every file in `{MANIFEST_NAME}`. Check the folder with `merge-hooks verify {location}`
-(add `--against {RECIPE_NAME}` to recompute a sample of tensors from the input models).
+(add `--against {Path(location) / RECIPE_NAME}` to recompute a sample of tensors from the input models).
 
 ## Versions
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .card import MergeInfo, hash_files, write_manifest, write_provenance
+from .card import MergeInfo, hash_files, recorded_recipe, write_manifest, write_provenance
 from .engines import EngineResult, output_dtype, written_dtype
 from .errors import MergeHooksError
 from .formats import WriteOptions, get_format
@@ -182,7 +182,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
     """
     fmt = get_format(recipe.output.save_format)
     target = check_output(recipe.output.path, overwrite=overwrite)
-    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code)
+    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, revisions=recipe.revisions)
     try:
         check_output(target, overwrite=overwrite, inputs=tuple(m.path for m in models))
         examples = None
@@ -203,11 +203,12 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
         try:
             # LM_Cocktail never merges bge-m3's heads, whichever engine ran.
             heads = merge_heads([m.path for m in models], result.weights, dtype=result.dtype) if m3_heads else None
+            recorded = recorded_recipe(recipe, models, output=target)
             info = MergeInfo(
                 model_type=recipe.model_type,
                 method=recipe.method,
                 engine=result.engine,
-                models=[m.spec for m in models],
+                models=recorded.model_paths,
                 weights=list(result.weights),
                 save_format=fmt.name,
                 dtype=_dtype_name(result.dtype),
@@ -231,7 +232,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
                 )
                 if heads is not None:
                     write_heads(staging, heads)
-                write_provenance(staging, info, recipe, location=str(target))
+                write_provenance(staging, info, recorded, location=str(target))
                 write_manifest(staging, hashed=hashed)
                 if verify:
                     _verify_staging(staging, trust_remote_code=recipe.trust_remote_code)

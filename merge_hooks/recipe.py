@@ -44,6 +44,8 @@ class ModelEntry(_Strict):
 
     path: str = Field(min_length=1)
     weight: Optional[float] = None
+    # A hub id's commit; written into merge_recipe.yaml so that a replay reads the same files.
+    revision: Optional[str] = None
 
     @field_validator("weight")
     @classmethod
@@ -133,6 +135,10 @@ class Recipe(_Strict):
     def model_paths(self) -> list[str]:
         return [m.path for m in self.models]
 
+    @property
+    def revisions(self) -> list[Optional[str]]:
+        return [m.revision for m in self.models]
+
     def to_yaml(self) -> str:
         """The recipe as YAML, as written beside the merged model."""
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -186,8 +192,30 @@ def load_recipe(path: Union[str, Path], *, overrides: Optional[dict[str, Any]] =
     if data is None:
         raise MergeHooksError(f"{path}: the recipe is empty")
     if isinstance(data, dict):
+        data = _found_beside(data, path.parent)
         data = apply_overrides(data, overrides or {})
     return recipe_from_dict(data, source=str(path))
+
+
+def _found_beside(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative model and examples paths missing from the current folder but present beside the recipe
+    are taken from there, so a recipe kept in a merged folder replays from anywhere."""
+
+    def beside(value: Any) -> Any:
+        if not isinstance(value, str) or Path(value).expanduser().is_absolute() or Path(value).exists():
+            return value
+        candidate = folder / value
+        return str(candidate) if candidate.exists() else value
+
+    data = dict(data)
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**entry, "path": beside(entry.get("path"))} if isinstance(entry, dict) and "path" in entry else entry
+            for entry in data["models"]
+        ]
+    if "examples" in data:
+        data["examples"] = beside(data["examples"])
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

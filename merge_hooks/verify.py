@@ -476,7 +476,7 @@ def _check_against(folder: Path, recipe: "Recipe", report: VerifyReport) -> None
     weights = _recorded_weights(folder, recipe, report)
     if weights is None:
         return
-    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code)
+    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, revisions=recipe.revisions)
     result = stream_merge(models, weights, dtype=output_dtype(recipe.output.dtype, models[0].checkpoint.dtype))
     problems = []
     try:
