@@ -125,6 +125,10 @@ def _recipe_from_args(args: argparse.Namespace):
     if args.models or args.weights:
         models = args.models or []
         weights = args.weights
+        if weights is None and args.recipe is not None:
+            # --models alone replaces the recipe's paths and keeps its weights, when there is one per model.
+            kept = [m.weight for m in load_recipe(args.recipe).models]
+            weights = kept if len(kept) == len(models) and None not in kept else None
         if weights is not None and len(weights) != len(models):
             raise MergeHooksError(f"got {len(models)} models but {len(weights)} weights; give one weight per model")
         overrides["models"] = [
