@@ -217,7 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         code = _run(args)
         sys.stdout.flush()
     except MergeHooksError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, even when a message quotes a library's multi-line one.
+        print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
         code = EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)

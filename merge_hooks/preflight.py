@@ -60,7 +60,8 @@ def resolve_model_path(spec: str, *, revision: Optional[str] = None) -> Path:
     try:
         return Path(snapshot_download(spec, revision=revision))
     except Exception as exc:  # the hub raises many kinds; the user needs the reason, not the type
-        raise MergeHooksError(f"cannot download model {spec!r}: {exc}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MergeHooksError(f"cannot download model {spec!r}: {reason}") from None
 
 
 def read_config(path: Path, spec: str) -> dict:

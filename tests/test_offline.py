@@ -7,43 +7,22 @@ paths (what a hub id looks like to the loaders).
 
 from __future__ import annotations
 
-import http.server
 import json
-import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import pytest
 
-from helpers import REPO
+from helpers import counting_hub, online_env
 
 EXAMPLES = [{"query": f"q {i}", "pos": [f"p {i}"], "neg": [f"n {i} {j}" for j in range(2)]} for i in range(2)]
 
 
-class _Counter(http.server.BaseHTTPRequestHandler):
-    requests: list[str] = []
-
-    def _answer(self) -> None:
-        type(self).requests.append(f"{self.command} {self.path}")
-        self.send_response(404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    do_GET = do_HEAD = do_POST = _answer
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def hub():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counter)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Counter.requests
-    server.shutdown()
+    with counting_hub() as endpoint_and_requests:
+        yield endpoint_and_requests
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +38,8 @@ def workdir(make_models, tmp_path_factory):
 def _run(args: list[str], *, hub, cwd) -> tuple[subprocess.CompletedProcess, list[str]]:
     endpoint, requests = hub
     requests.clear()
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
-    env.update(HF_ENDPOINT=endpoint, PYTHONPATH=str(REPO), HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=online_env(endpoint), capture_output=True, text=True,
+                          timeout=600)
     return proc, list(requests)
 
 
