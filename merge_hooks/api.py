@@ -6,12 +6,19 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from . import dtypes
 from .errors import MergeHooksError
 from .recipe import DEFAULT_MAX_SHARD_SIZE, Recipe, recipe_from_dict
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
+
+
+Examples = Union[PathLike, list[dict]]
+
+# LM_Cocktail's loaders, by model_type: what its functions return, and what the stream engine's result is loaded as.
+_AUTO_CLASSES = {"encoder": "AutoModel", "reranker": "AutoModelForSequenceClassification", "decoder": "AutoModelForCausalLM"}
 
 
 def _output_options(output_path, save_format, max_shard_size, dtype) -> dict:
@@ -23,32 +30,73 @@ def _output_options(output_path, save_format, max_shard_size, dtype) -> dict:
     }
 
 
-def _run(recipe: Recipe, *, overwrite: bool, quiet: bool):
+def _load_model(path: Path, model_type: str, *, trust_remote_code: bool) -> Any:
+    """A model folder loaded as LM_Cocktail loads its inputs (its Auto class, transformers' default dtype)."""
+    import transformers
+
+    from .progress import loader_progress_bars
+
+    with loader_progress_bars(enabled=False):
+        return getattr(transformers, _AUTO_CLASSES[model_type]).from_pretrained(
+            str(Path(path).absolute()), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+
+
+def _merge_in_memory(recipe: Recipe, *, quiet: bool) -> Any:
+    """Merge without writing anything; return the model LM_Cocktail would return."""
+    import torch
+
+    from .pipeline import choose_engine, merge_tensors
+    from .preflight import load_inputs, prefix_map
+
+    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, revisions=recipe.revisions)
+    try:
+        if choose_engine(recipe, models) == "cocktail":
+            result = merge_tensors(recipe, models, dtype=None, quiet=quiet)
+            result.close()
+            return result.model
+        # The merged tensors go into the first model loaded as LM_Cocktail loads it, cast to its dtype
+        # as LM_Cocktail's load_state_dict casts them.
+        model = _load_model(models[0].path, recipe.model_type, trust_remote_code=recipe.trust_remote_code)
+        result = merge_tensors(recipe, models, dtype=dtypes.of(model.dtype), quiet=quiet)
+    finally:
+        for m in models:
+            m.checkpoint.close()
+    try:
+        state = model.state_dict()
+        merged = {spec.name for spec in result.source.specs}
+        names = {name: name for name in state if name in merged}
+        if len(names) < len(merged):
+            names = prefix_map(set(state), merged) or names
+        with torch.no_grad():
+            for name, source_name in names.items():
+                state[name].copy_(result.source.get(source_name))
+        return model
+    finally:
+        result.close()
+
+
+def _run(recipe: Recipe, *, overwrite: bool, quiet: bool, return_model: bool):
     """Merge; write through the output stage when the recipe has an output path; return the model."""
     from .pipeline import run_recipe
 
-    if recipe.output.path is not None:
-        return run_recipe(recipe, overwrite=overwrite, quiet=quiet).model
-    from .engines.cocktail import run_cocktail
-    from .pipeline import cocktail_options, load_examples
-    from .preflight import load_inputs
-
-    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code)
-    for model in models:
-        model.checkpoint.close()
-    examples = None
-    if recipe.examples is not None:
-        examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)
-    merged, _weights = run_cocktail(
-        recipe.method, [str(m.path) for m in models], recipe.model_type, **cocktail_options(recipe, examples)
-    )
-    return merged
+    if recipe.output.path is None:
+        return _merge_in_memory(recipe, quiet=quiet)
+    result = run_recipe(recipe, overwrite=overwrite, quiet=quiet)
+    if not return_model:
+        return None
+    if result.model is not None:
+        return result.model
+    return _load_model(result.output, recipe.model_type, trust_remote_code=recipe.trust_remote_code)
 
 
 def _recipe(method: str, paths, model_type: str, weights, *, output: dict, engine: str, trust_remote_code: bool, **extra) -> Recipe:
-    models = [{"path": str(p)} if weights is None else {"path": str(p), "weight": w} for p, w in zip(paths, weights or [None] * len(paths))]
+    if isinstance(paths, (str, Path)):
+        raise MergeHooksError(f"model_names_or_paths must be a list of models, got the single path {str(paths)!r}")
+    paths = list(paths)
     if weights is not None and len(weights) != len(paths):
         raise MergeHooksError(f"got {len(paths)} models but {len(weights)} weights; give one weight per model")
+    models = [{"path": str(p)} if weights is None else {"path": str(p), "weight": w} for p, w in zip(paths, weights or [None] * len(paths))]
     data = {"model_type": model_type, "method": method, "engine": engine, "models": models, "output": output,
             "trust_remote_code": trust_remote_code, **extra}
     return recipe_from_dict(data, source=method)
@@ -63,14 +111,17 @@ def mix_models(
     save_format: str = "safetensors",
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
     dtype: str = "keep",
-    engine: str = "cocktail",
+    engine: str = "auto",
     overwrite: bool = False,
     trust_remote_code: bool = False,
     quiet: bool = True,
+    return_model: bool = True,
 ) -> Any:
-    """LM_Cocktail's ``mix_models``, writing the result through merge-hooks' output stage.
+    """LM_Cocktail's ``mix_models`` (same arguments), writing the result through merge-hooks' output stage.
 
-    Returns the merged model as LM_Cocktail does (``None`` with ``engine="stream"``, which never holds it).
+    Returns the merged model as LM_Cocktail does, whichever engine merged: the stream engine's output
+    is loaded back with the Auto class of ``model_type`` (``return_model=False`` skips that and returns
+    None). With ``output_path=None`` nothing is written.
 
     Example:
         >>> model = mix_models(["bge-ft", "BAAI/bge-base-en-v1.5"], "encoder", [0.5, 0.5], "merged", save_format="bin")
@@ -78,7 +129,7 @@ def mix_models(
     recipe = _recipe("mix_models", model_names_or_paths, model_type, weights, engine=engine,
                      trust_remote_code=trust_remote_code,
                      output=_output_options(output_path, save_format, max_shard_size, dtype))
-    return _run(recipe, overwrite=overwrite, quiet=quiet)
+    return _run(recipe, overwrite=overwrite, quiet=quiet, return_model=return_model)
 
 
 def mix_models_by_layers(
@@ -90,50 +141,66 @@ def mix_models_by_layers(
     save_format: str = "safetensors",
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
     dtype: str = "keep",
-    engine: str = "cocktail",
+    engine: str = "auto",
     overwrite: bool = False,
     trust_remote_code: bool = False,
     quiet: bool = True,
+    return_model: bool = True,
 ) -> Any:
-    """LM_Cocktail's ``mix_models_by_layers`` with merge-hooks' output stage (see :func:`mix_models`)."""
+    """LM_Cocktail's ``mix_models_by_layers`` with merge-hooks' output stage (see :func:`mix_models`).
+
+    Example:
+        >>> model = mix_models_by_layers(["llama-chat", "llama-news"], "decoder", [0.7, 0.3], "mixed_llm")
+    """
     recipe = _recipe("mix_models_by_layers", model_names_or_paths, model_type, weights, engine=engine,
                      trust_remote_code=trust_remote_code,
                      output=_output_options(output_path, save_format, max_shard_size, dtype))
-    return _run(recipe, overwrite=overwrite, quiet=quiet)
+    return _run(recipe, overwrite=overwrite, quiet=quiet, return_model=return_model)
 
 
 def mix_models_with_data(
     model_names_or_paths: list[PathLike],
     model_type: str,
-    examples: PathLike,
+    example_ata: Optional[Examples] = None,
     temperature: float = 5.0,
     batch_size: int = 2,
     max_input_length: int = 2048,
     neg_number: int = 7,
     output_path: Optional[PathLike] = None,
     *,
+    examples: Optional[Examples] = None,
+    seed: Optional[int] = None,
     save_format: str = "safetensors",
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
     dtype: str = "keep",
-    engine: str = "cocktail",
+    engine: str = "auto",
     overwrite: bool = False,
     trust_remote_code: bool = False,
     quiet: bool = True,
+    return_model: bool = True,
 ) -> Any:
-    """LM_Cocktail's ``mix_models_with_data`` with merge-hooks' output stage.
+    """LM_Cocktail's ``mix_models_with_data`` (same arguments) with merge-hooks' output stage.
 
-    ``examples`` is a JSON lines file of LM_Cocktail example dicts (``query``/``pos``/``neg`` for
-    encoders, ``input``/``output`` for decoders).
+    The examples (``example_ata``, LM_Cocktail 0.0.4's spelling, or ``examples``) are a list of
+    LM_Cocktail's example dicts (``query``/``pos``/``neg`` for encoders, ``input``/``output`` for
+    decoders) or a JSON lines file of them. ``seed`` fixes LM_Cocktail's sampling of negatives, so
+    the weights are the same on every run. Returns the model as :func:`mix_models` does.
 
     Example:
-        >>> model = mix_models_with_data(["bge-ft", "bge-base"], "encoder", "examples.jsonl", output_path="merged")
+        >>> model = mix_models_with_data(["bge-ft", "bge-base"], "encoder", example_ata=examples, neg_number=2, seed=0)
     """
+    if example_ata is not None and examples is not None:
+        raise MergeHooksError("give the examples once: example_ata (LM_Cocktail's name) or examples, not both")
+    data = example_ata if example_ata is not None else examples
+    if data is None:
+        raise MergeHooksError("mix_models_with_data needs examples: a list of example dicts or a JSON lines file")
     recipe = _recipe("mix_models_with_data", model_names_or_paths, model_type, None, engine=engine,
                      trust_remote_code=trust_remote_code,
                      output=_output_options(output_path, save_format, max_shard_size, dtype),
-                     examples=str(examples), temperature=temperature, batch_size=batch_size,
-                     max_input_length=max_input_length, neg_number=neg_number)
-    return _run(recipe, overwrite=overwrite, quiet=quiet)
+                     examples=list(data) if isinstance(data, (list, tuple)) else str(data),
+                     temperature=temperature, batch_size=batch_size,
+                     max_input_length=max_input_length, neg_number=neg_number, seed=seed)
+    return _run(recipe, overwrite=overwrite, quiet=quiet, return_model=return_model)
 
 
 def save(
@@ -167,7 +234,6 @@ def save(
     """
     import json
 
-    from . import dtypes
     from .engines.cocktail import model_source
     from .formats import WriteOptions, expand_formats, finish_formats, write_formats
     from .pipeline import folder_listing

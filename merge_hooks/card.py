@@ -29,6 +29,7 @@ from . import __version__
 from .heads import HEAD_FILES
 
 if TYPE_CHECKING:
+    from .preflight import InputModel
     from .recipe import Recipe
 
 README_NAME = "README.md"
@@ -84,6 +85,7 @@ class MergeInfo:
     m3_heads: bool = False
     # Per model, the LoRA adapters merged into it first (see merge_hooks.adapters.Adapter.describe).
     adapters: list[list[dict]] = field(default_factory=list)
+    seed: Optional[int] = None
     versions: dict[str, str] = field(default_factory=installed_versions)
 
     @classmethod
@@ -100,6 +102,26 @@ class MergeInfo:
             return cls(**json.loads(path.read_text(encoding="utf-8")))
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path} is not a valid {INFO_NAME}: {exc}") from None
+
+
+def recorded_recipe(recipe: "Recipe", models: list["InputModel"], *, output: Path) -> "Recipe":
+    """The recipe as ``merge_recipe.yaml`` records it: replayable from any folder.
+
+    Local models and the examples file become absolute paths, hub ids get the commit that was read,
+    and the output is where the folder was written.
+    """
+    entries = []
+    for entry, model in zip(recipe.models, models):
+        if Path(entry.path).expanduser().exists():
+            entries.append(entry.model_copy(update={"path": str(model.path)}))
+        elif model.path.parent.name == "snapshots":  # the hub cache's <repo>/snapshots/<commit> folder
+            entries.append(entry.model_copy(update={"revision": model.path.name}))
+        else:
+            entries.append(entry)
+    update = {"models": entries, "output": recipe.output.model_copy(update={"path": Path(output)})}
+    if isinstance(recipe.examples, Path):
+        update["examples"] = recipe.examples.absolute()
+    return recipe.model_copy(update=update)
 
 
 def front_matter(info: MergeInfo) -> dict:
@@ -170,6 +192,12 @@ def _adapter_lines(info: MergeInfo) -> list[str]:
     return lines
 
 
+def _examples(recipe: "Recipe") -> str:
+    if isinstance(recipe.examples, list):
+        return f"the {len(recipe.examples)} examples recorded in `{RECIPE_NAME}`"
+    return f"the examples in `{recipe.examples}`"
+
+
 def render_card(info: MergeInfo, recipe: "Recipe", *, location: str) -> str:
     """The ``README.md`` of a merged folder: YAML front matter, then a description of the merge.
 
@@ -183,8 +211,9 @@ def render_card(info: MergeInfo, recipe: "Recipe", *, location: str) -> str:
     name = Path(location).name or location
     if recipe.method == "mix_models_with_data":
         how = (
-            f"LM_Cocktail's `mix_models_with_data`: each model's weight comes from its loss on the examples in "
-            f"`{recipe.examples}` (softmax of -loss / temperature {recipe.temperature:g}), then every tensor is "
+            f"LM_Cocktail's `mix_models_with_data`: each model's weight comes from its loss on {_examples(recipe)} "
+            f"(softmax of -loss / temperature {recipe.temperature:g}"
+            f"{'' if info.seed is None else f', negatives sampled with seed {info.seed}'}), then every tensor is "
             "the weighted sum of the models' tensors."
         )
     elif recipe.method == "mix_models_by_layers":
@@ -220,7 +249,7 @@ A merge of {len(info.models)} models, made with merge-hooks using {how}
 
 The exact recipe is in `{RECIPE_NAME}`, the same facts for programs in `{INFO_NAME}`, and the size and
 sha256 of every file in `{MANIFEST_NAME}`. Check the folder with `merge-hooks verify {location}`
-(add `--against {RECIPE_NAME}` to recompute a sample of tensors from the input models).
+(add `--against {Path(location) / RECIPE_NAME}` to recompute a sample of tensors from the input models).
 
 ## Versions
 

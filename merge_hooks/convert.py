@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 from pydantic import ValidationError
 
-from .card import INFO_NAME, MANIFEST_NAME, hash_files, write_manifest
+from .card import INFO_NAME, MANIFEST_NAME, README_NAME, RECIPE_NAME, MergeInfo, hash_files, render_card, write_manifest
 from .checkpoint import Checkpoint, is_weight_file
 from .engines import output_dtype, written_dtype
 from .errors import MergeHooksError
@@ -26,6 +26,7 @@ from .paths import check_tree, read_json
 from .pipeline import MergeResult, folder_listing
 from .preflight import check_disk_space, check_output, read_config, resolve_model_path
 from .progress import byte_progress
+from .recipe import load_recipe
 from .sidecar import write_config
 from .staging import claimed_output, staged_output
 from .tensors import TensorSource, TensorSpec
@@ -35,17 +36,35 @@ logger = logging.getLogger(__name__)
 
 
 def _refresh_provenance(
-    directory: Path, *, save_format: str, dtype_name: Optional[str], written: list[Path], digests: dict[Path, str]
+    directory: Path,
+    *,
+    location: Path,
+    save_format: str,
+    max_shard_size: Union[int, str],
+    dtype_name: Optional[str],
+    written: list[Path],
+    digests: dict[Path, str],
 ) -> None:
-    """A converted merge output keeps its card, but its merge info and manifest must describe the new files.
+    """A converted merge output describes what convert wrote: merge info, recipe, card and manifest.
 
-    ``digests`` holds the sha256 of the ``written`` weight files the format hashed while writing them.
+    The recipe's output becomes ``location`` with the new format and dtype, so ``verify --against`` on
+    the converted folder recomputes what it holds. ``digests`` holds the sha256 of the ``written``
+    weight files the format hashed while writing them.
     """
     info_path = directory / INFO_NAME
     if info_path.is_file():
         info = read_json(directory, INFO_NAME)
         info.update(save_format=save_format, dtype=dtype_name)
         info_path.write_text(json.dumps(info, indent=2) + "\n")
+    recipe_path = directory / RECIPE_NAME
+    if recipe_path.is_file():
+        output = {"path": str(location), "save_format": save_format, "max_shard_size": max_shard_size,
+                  "dtype": dtype_name or "keep"}
+        recipe = load_recipe(recipe_path, overrides={f"output.{key}": value for key, value in output.items()})
+        recipe_path.write_text(recipe.to_yaml(), encoding="utf-8")
+        info = MergeInfo.read(directory)
+        if info is not None and (directory / README_NAME).is_file():
+            (directory / README_NAME).write_text(render_card(info, recipe, location=str(location)), encoding="utf-8")
     if (directory / MANIFEST_NAME).is_file():
         write_manifest(directory, hashed=hash_files(written, root=directory, known=digests))
 
@@ -113,8 +132,8 @@ def convert(
             write_config(source_dir, staging, dtype_name=dtype_name)
             written += finish_formats(staging, formats, options)
             written = [path for path in written if path.is_file()]
-            _refresh_provenance(staging, save_format=",".join(format_names), dtype_name=dtype_name, written=written,
-                                digests=digests)
+            _refresh_provenance(staging, location=target, save_format=output.save_format,
+                                max_shard_size=max_shard_size, dtype_name=dtype_name, written=written, digests=digests)
     files = folder_listing(target)
     return MergeResult(output=target, files=files, weights=[], engine="convert", save_format=",".join(format_names),
                        dtype=dtype_name)

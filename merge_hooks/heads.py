@@ -45,9 +45,13 @@ def load_head(path: Path) -> dict[str, "torch.Tensor"]:
     """
     import torch
 
+    from .io.torch_io import refused_pickle
+
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
+    except pickle.UnpicklingError as exc:
+        raise MergeHooksError(refused_pickle(path, exc)) from None
+    except (RuntimeError, OSError, EOFError) as exc:
         raise MergeHooksError(f"cannot read {path} as a state dict of tensors: {exc}") from None
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()

@@ -12,10 +12,10 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .adapters import adapter_folders, adapter_provenance, adapter_requests, write_adapter_sidecars
-from .card import MergeInfo, hash_files, write_manifest, write_provenance
+from .card import MergeInfo, hash_files, recorded_recipe, write_manifest, write_provenance
 from .engines import EngineResult, output_dtype, written_dtype
 from .errors import MergeHooksError
 from .formats import (
@@ -95,28 +95,31 @@ def _read_examples_text(path: Path) -> str:
         raise MergeHooksError(f"examples file {path} is not UTF-8 text: {exc}") from None
 
 
-def load_examples(path: Path, model_type: str, *, neg_number: int) -> list[dict]:
-    """Read ``mix_models_with_data`` examples: JSON lines (or one JSON list) of LM_Cocktail's example dicts."""
-    text = _read_examples_text(Path(path))
+def _read_examples(path: Path) -> list:
+    text = _read_examples_text(path)
     try:
-        stripped = text.lstrip()
-        if stripped.startswith("["):
-            examples = json.loads(text)
-        else:
-            examples = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
     except ValueError as exc:
         raise MergeHooksError(f"{path} is not JSON lines: {exc}") from None
+
+
+def load_examples(source: Union[Path, list[dict]], model_type: str, *, neg_number: int) -> list[dict]:
+    """``mix_models_with_data`` examples, checked: a list of LM_Cocktail's example dicts as it is, or read
+    from a file of JSON lines (or one JSON list)."""
+    examples, name = (source, "examples") if isinstance(source, list) else (_read_examples(Path(source)), str(source))
     required = ("input", "output") if model_type == "decoder" else ("query", "pos", "neg")
-    if not examples:
-        raise MergeHooksError(f"{path} holds no examples")
+    if not isinstance(examples, list) or not examples:
+        raise MergeHooksError(f"{name} holds no examples")
     for i, example in enumerate(examples, 1):
         if not isinstance(example, dict) or any(key not in example for key in required):
-            raise MergeHooksError(f"{path}: example {i} needs the keys {', '.join(required)} for a {model_type} merge")
+            raise MergeHooksError(f"{name}: example {i} needs the keys {', '.join(required)} for a {model_type} merge")
         if model_type == "encoder" and not isinstance(example["neg"], list):
-            raise MergeHooksError(f"{path}: example {i} needs 'neg' to be a list of texts")
+            raise MergeHooksError(f"{name}: example {i} needs 'neg' to be a list of texts")
         if model_type == "encoder" and len(example["neg"]) < neg_number:
             raise MergeHooksError(
-                f"{path}: example {i} has {len(example['neg'])} negatives, fewer than neg_number={neg_number}"
+                f"{name}: example {i} has {len(example['neg'])} negatives, fewer than neg_number={neg_number}"
             )
     return examples
 
@@ -130,6 +133,7 @@ def cocktail_options(recipe: Recipe, examples: Optional[list[dict]]) -> dict[str
         "batch_size": recipe.batch_size,
         "max_input_length": recipe.max_input_length,
         "neg_number": recipe.neg_number,
+        "seed": recipe.seed,
         "trust_remote_code": recipe.trust_remote_code,
     }
 
@@ -146,22 +150,24 @@ def choose_engine(recipe: Recipe, models: list[InputModel]) -> str:
 
 
 def _merge(
-    recipe: Recipe, models: list[InputModel], engine: str, examples: Optional[list[dict]], dtype, *, arrays: bool
+    recipe: Recipe, models: list[InputModel], engine: str, examples: Optional[list[dict]], dtype, *, arrays: bool,
+    quiet: bool,
 ) -> EngineResult:
     paths = [m.path for m in models]
     if engine == "cocktail":
         from .engines.cocktail import cocktail_merge
 
         return cocktail_merge(
-            recipe.method, [str(p) for p in paths], recipe.model_type, dtype=dtype, **cocktail_options(recipe, examples)
+            recipe.method, [str(p) for p in paths], recipe.model_type, dtype=dtype, quiet=quiet,
+            **cocktail_options(recipe, examples),
         )
     from .engines.stream import stream_merge
 
     if examples is not None:
         from .engines import collecting_garbage
-        from .engines.weights import compute_weights
+        from .engines.weights import compute_weights, seeded
 
-        with collecting_garbage():
+        with collecting_garbage(), seeded(recipe.seed):
             weights = compute_weights(
                 paths,
                 recipe.model_type,
@@ -176,6 +182,19 @@ def _merge(
     else:
         weights = recipe.weights
     return stream_merge(models, weights, dtype=dtype, arrays=arrays)
+
+
+def merge_tensors(recipe: Recipe, models: list[InputModel], *, dtype, quiet: bool = True) -> EngineResult:
+    """Merge ``models`` as ``recipe`` says into floating tensors of ``dtype``, writing nothing.
+
+    This is the Python API's ``output_path=None``; the caller closes the result.
+    """
+    examples = None
+    if recipe.method == "mix_models_with_data":
+        examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)
+    engine = choose_engine(recipe, models)
+    with loader_progress_bars(enabled=not quiet):
+        return _merge(recipe, models, engine, examples, dtype, arrays=False, quiet=quiet)
 
 
 def _verify_staging(staging: Path, *, trust_remote_code: bool) -> None:
@@ -224,7 +243,8 @@ def _run_claimed(
 ) -> MergeResult:
     target = claim.target
     format_names = tuple(fmt.name for fmt in formats)
-    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, adapters=adapter_requests(recipe))
+    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code,
+                         adapters=adapter_requests(recipe), revisions=recipe.revisions)
     try:
         # Again now that the inputs are resolved and the target is locked: what it holds now is what may be replaced.
         check_output(target, overwrite=overwrite, force=force, inputs=(*[m.path for m in models], *adapter_folders(models)))
@@ -247,20 +267,22 @@ def _run_claimed(
         loads_models = engine == "cocktail" or examples is not None
         with loader_progress_bars(enabled=not (quiet and loads_models)):
             arrays = all(fmt.takes_arrays for fmt in formats if fmt.write is not None)
-            result = _merge(recipe, models, engine, examples, dtype, arrays=arrays)
+            result = _merge(recipe, models, engine, examples, dtype, arrays=arrays, quiet=quiet)
         try:
             # LM_Cocktail never merges bge-m3's heads, whichever engine ran.
             heads = merge_heads([m.path for m in models], result.weights, dtype=result.dtype) if m3_heads else None
+            recorded = recorded_recipe(recipe, models, output=target)
             info = MergeInfo(
                 model_type=recipe.model_type,
                 method=recipe.method,
                 engine=result.engine,
-                models=[m.spec for m in models],
+                models=recorded.model_paths,
                 weights=list(result.weights),
                 save_format=",".join(format_names),
                 dtype=_dtype_name(result.dtype),
                 m3_heads=m3_heads,
                 adapters=adapter_provenance(models),
+                seed=recipe.seed,
             )
             with staged_output(target, claim=claim) as staging:
                 digests: dict[Path, str] = {}
@@ -290,7 +312,7 @@ def _run_claimed(
                 finished = finish_formats(staging, formats, options)
                 hashed = {name: d for name, d in hashed.items() if (staging / name).is_file()}
                 hashed.update(hash_files(finished, root=staging))
-                write_provenance(staging, info, recipe, location=str(target))
+                write_provenance(staging, info, recorded, location=str(target))
                 write_manifest(staging, hashed=hashed)
                 if verify:
                     _verify_staging(staging, trust_remote_code=recipe.trust_remote_code)

@@ -39,20 +39,21 @@ class InputModel:
         return self.names.get(name, name)
 
 
-def resolve_model_path(spec: str) -> Path:
-    """A local folder as given, or a hub id through the local Hugging Face cache."""
+def resolve_model_path(spec: str, *, revision: Optional[str] = None) -> Path:
+    """A local folder as given, or a hub id (at ``revision``, else the newest cached) through the local Hugging Face cache."""
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise MergeHooksError(f"model {spec!r} is a file; give the folder that holds config.json")
-        return path
+        # Absolute: loaders take a relative "dir/name" that is not a folder of *their* cwd for a hub id.
+        return path.absolute()
     if not _HUB_ID.match(spec) or spec.startswith("."):
         raise MergeHooksError(f"model path {spec!r} does not exist")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(spec, local_files_only=True))
+        return Path(snapshot_download(spec, revision=revision, local_files_only=True))
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
             raise MergeHooksError(
@@ -61,9 +62,10 @@ def resolve_model_path(spec: str) -> Path:
             ) from None
     logger.info("downloading %s from the Hugging Face Hub", spec)
     try:
-        return Path(snapshot_download(spec))
+        return Path(snapshot_download(spec, revision=revision))
     except Exception as exc:  # the hub raises many kinds; the user needs the reason, not the type
-        raise MergeHooksError(f"cannot download model {spec!r}: {exc}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MergeHooksError(f"cannot download model {spec!r}: {reason}") from None
 
 
 def read_config(path: Path, spec: str) -> dict:
@@ -174,16 +176,21 @@ def check_same_architecture(models: list[InputModel]) -> None:
 
 
 def load_inputs(
-    specs: list[str], *, trust_remote_code: bool, adapters: Optional[list["AdapterRequest"]] = None
+    specs: list[str],
+    *,
+    trust_remote_code: bool,
+    adapters: Optional[list["AdapterRequest"]] = None,
+    revisions: Optional[list[Optional[str]]] = None,
 ) -> list[InputModel]:
     """Resolve, read and cross-check every input model (tensors and bge-m3 heads); nothing heavy is loaded.
 
     ``adapters`` (one request per model, see :func:`merge_hooks.adapters.adapter_requests`) puts LoRA
     adapters in front of the models' checkpoints, so that every later check sees the merged tensors.
+    ``revisions`` pins hub ids to a commit, one entry per spec (None for the newest cached / local folders).
     """
     models = []
-    for spec in specs:
-        path = resolve_model_path(spec)
+    for spec, revision in zip(specs, revisions or [None] * len(specs)):
+        path = resolve_model_path(spec, revision=revision)
         config = read_config(path, spec)
         models.append(InputModel(spec=spec, path=path, config=config, checkpoint=Checkpoint(path)))
     try:

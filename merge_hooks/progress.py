@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import warnings
+from types import ModuleType
 from typing import Callable, Iterator
 
 
@@ -34,3 +38,47 @@ def loader_progress_bars(*, enabled: bool) -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def silenced_tqdm(module: ModuleType, *, quiet: bool) -> Iterator[None]:
+    """Draw no bars from ``module``'s ``tqdm`` for a block when ``quiet``.
+
+    LM_Cocktail imports ``tqdm`` by name and offers no switch, and tqdm reads its ``TQDM_DISABLE``
+    setting only when tqdm is imported, so the name is swapped for a disabled tqdm instead.
+    """
+    if not quiet:
+        yield
+        return
+    original = module.tqdm
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
+
+
+@contextlib.contextmanager
+def library_warnings_hidden() -> Iterator[None]:
+    """transformers', sentence-transformers' and Python warnings off for a block, unless logging shows INFO (-v).
+
+    Loaders warn about their own affairs while a report is being made; what matters to the report
+    (missing weights, failures) is collected from their return values instead.
+    """
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    st_logger = logging.getLogger("sentence_transformers")
+    st_level = st_logger.level
+    hf_logging.set_verbosity_error()
+    st_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        st_logger.setLevel(st_level)

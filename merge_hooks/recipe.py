@@ -50,6 +50,8 @@ class ModelEntry(_Strict):
     weight: Optional[float] = None
     adapter: Optional[Union[str, list[str]]] = None
     allow_base_mismatch: bool = False
+    # A hub id's commit; written into merge_recipe.yaml so that a replay reads the same files.
+    revision: Optional[str] = None
 
     @field_validator("adapter")
     @classmethod
@@ -130,11 +132,14 @@ class Recipe(_Strict):
     method: Method = "mix_models"
     engine: Engine = "auto"
     models: list[ModelEntry]
-    examples: Optional[Path] = None
+    # A JSON lines file, or the examples themselves (the Python API's in-memory list, recorded as such).
+    examples: Optional[Union[Path, list[dict[str, Any]]]] = None
     temperature: float = Field(5.0, gt=0)
     batch_size: int = Field(2, ge=1)
     max_input_length: int = Field(2048, ge=1)
     neg_number: int = Field(7, ge=0)
+    # Seeds LM_Cocktail's negative sampling: mix_models_with_data then computes the same weights every run.
+    seed: Optional[int] = None
     output: OutputOptions = Field(default_factory=OutputOptions)
     trust_remote_code: bool = False
 
@@ -159,7 +164,10 @@ class Recipe(_Strict):
                 raise ValueError("mix_models_with_data computes the weights from the examples; remove 'weight' from models")
         else:
             if self.examples is not None:
-                raise ValueError(f"'examples' is only used by mix_models_with_data, not {self.method}")
+                raise ValueError(
+                    f"'examples' is only used by mix_models_with_data, not {self.method}; "
+                    "set 'method: mix_models_with_data' (and remove the weights) or remove 'examples'"
+                )
             missing = [i for i, w in enumerate(weights) if w is None]
             if missing:
                 raise ValueError(f"models.{missing[0]}.weight is missing: {self.method} needs a weight for every model")
@@ -175,6 +183,10 @@ class Recipe(_Strict):
     @property
     def model_paths(self) -> list[str]:
         return [m.path for m in self.models]
+
+    @property
+    def revisions(self) -> list[Optional[str]]:
+        return [m.revision for m in self.models]
 
     def to_yaml(self) -> str:
         """The recipe as YAML, as written beside the merged model."""
@@ -245,8 +257,30 @@ def load_recipe(path: Union[str, Path], *, overrides: Optional[dict[str, Any]] =
     if data is None:
         raise MergeHooksError(f"{path}: the recipe is empty")
     if isinstance(data, dict):
+        data = _found_beside(data, path.parent)
         data = apply_overrides(data, overrides or {})
     return recipe_from_dict(data, source=str(path))
+
+
+def _found_beside(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative model and examples paths missing from the current folder but present beside the recipe
+    are taken from there, so a recipe kept in a merged folder replays from anywhere."""
+
+    def beside(value: Any) -> Any:
+        if not isinstance(value, str) or Path(value).expanduser().is_absolute() or Path(value).exists():
+            return value
+        candidate = folder / value
+        return str(candidate) if candidate.exists() else value
+
+    data = dict(data)
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**entry, "path": beside(entry.get("path"))} if isinstance(entry, dict) and "path" in entry else entry
+            for entry in data["models"]
+        ]
+    if "examples" in data:
+        data["examples"] = beside(data["examples"])
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

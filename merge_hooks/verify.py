@@ -28,7 +28,7 @@ from .checkpoint import BIN_NAME, SAFETENSORS_NAME, Checkpoint
 from .errors import MergeHooksError
 from .paths import inside
 from .heads import COLBERT_FILE, HEAD_FILES, SPARSE_FILE, heads_present, load_head
-from .progress import loader_progress_bars
+from .progress import library_warnings_hidden, loader_progress_bars
 
 if TYPE_CHECKING:
     import torch
@@ -104,12 +104,14 @@ def verify_folder(
         elif not (weights_ok and config is not None):
             report.notes.append("loaders not tried: the weights or config.json are broken")
         else:
-            with loader_progress_bars(enabled=False):
-                _check_transformers(folder, config, report, trust_remote_code=trust_remote_code)
+            # Absolute: a relative "dir/name" looks like a hub id to the loaders, which then ask the hub.
+            local = folder.absolute()
+            with loader_progress_bars(enabled=False), library_warnings_hidden():
+                _check_transformers(local, config, report, trust_remote_code=trust_remote_code)
                 if (folder / "modules.json").is_file():
-                    _check_sentence_transformers(folder, report, trust_remote_code=trust_remote_code)
+                    _check_sentence_transformers(local, report, trust_remote_code=trust_remote_code)
                 if heads_ok:
-                    _check_flagembedding(folder, report)
+                    _check_flagembedding(local, report)
     if against is not None:
         if weights_ok:
             _check_against(folder, against, report)
@@ -394,7 +396,7 @@ def _check_transformers(folder: Path, config: dict, report: VerifyReport, *, tru
     name = auto_class_name(config)
     try:
         model, info = getattr(transformers, name).from_pretrained(
-            str(folder), output_loading_info=True, trust_remote_code=trust_remote_code
+            str(folder), output_loading_info=True, trust_remote_code=trust_remote_code, local_files_only=True
         )
     except Exception as exc:  # any failure to load is the finding; its type varies by transformers release
         report.problems.append(f"transformers {name} cannot load the folder: {_first_line(exc)}")
@@ -416,7 +418,9 @@ def _check_sentence_transformers(folder: Path, report: VerifyReport, *, trust_re
     import sentence_transformers
 
     try:
-        model = sentence_transformers.SentenceTransformer(str(folder), device="cpu", trust_remote_code=trust_remote_code)
+        model = sentence_transformers.SentenceTransformer(
+            str(folder), device="cpu", trust_remote_code=trust_remote_code, local_files_only=True
+        )
         embedding = model.encode([PROBE_TEXT], convert_to_tensor=True)
     except Exception as exc:  # any failure to load or encode is the finding
         report.problems.append(f"sentence-transformers cannot load or run the folder: {_first_line(exc)}")
@@ -519,7 +523,8 @@ def _check_against(folder: Path, recipe: "Recipe", report: VerifyReport) -> None
         return
     from .adapters import adapted_names, adapter_requests
 
-    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, adapters=adapter_requests(recipe))
+    models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code,
+                         adapters=adapter_requests(recipe), revisions=recipe.revisions)
     result = stream_merge(models, weights, dtype=output_dtype(recipe.output.dtype, models[0].checkpoint.dtype))
     problems = []
     try:

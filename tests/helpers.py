@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import http.server
 import io
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -148,3 +150,39 @@ def run_peak_mb_script(script: str, *args: str) -> float:
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True,
     )
     return float(result.stdout.strip())
+
+
+class _CountingHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every request with 404 and records it on the server."""
+
+    def _answer(self) -> None:
+        self.server.requests.append(f"{self.command} {self.path}")
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = do_POST = _answer
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def counting_hub():
+    """A stand-in hub on 127.0.0.1; yields (endpoint, requests), the list of requests it received."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingHandler)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def online_env(endpoint: str, **extra: str) -> dict[str, str]:
+    """The environment of a user who never set HF_HUB_OFFLINE, with the hub at ``endpoint``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=endpoint, PYTHONPATH=str(REPO), HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2", **extra)
+    return env

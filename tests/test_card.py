@@ -143,3 +143,91 @@ def test_stream_merge_with_card_does_not_import_transformers(make_models, tmp_pa
         recipe, "print(sorted(m for m in ('transformers', 'sentence_transformers', 'LM_Cocktail') if m in sys.modules))")
     assert imported == "[]"
     assert f"| transformers | {version('transformers')} |" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def _cli(args: list[str], cwd: Path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    return subprocess.run([sys.executable, "-m", "merge_hooks", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _card_verify_command(folder: Path) -> list[str]:
+    """The ``merge-hooks verify ... --against ...`` command the folder's model card shows."""
+    import re
+
+    body = (folder / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"`merge-hooks verify ([^`]+)`\s*\(add `(--against [^`]+)`", body)
+    assert found, body
+    return ["verify", found.group(1), *found.group(2).split(" ", 1)]
+
+
+def test_cards_verify_command_replays_from_any_folder(make_models, tmp_path):
+    for i, source in enumerate(make_models("bert-encoder", 2)):
+        shutil.copytree(source, tmp_path / "work" / "models" / f"m{i}")
+    merged = _cli(["merge", "--model-type", "encoder", "--models", "models/m0", "models/m1", "--weights", "0.6", "0.4",
+                   "-o", "merged", "-q"], cwd=tmp_path / "work")
+    assert merged.returncode == 0, merged.stderr
+    out = tmp_path / "work" / "merged"
+    recorded = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    assert [m["path"] for m in recorded["models"]] == [str(tmp_path / "work" / "models" / f"m{i}") for i in range(2)]
+    assert recorded["output"]["path"] == str(out)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    replay = _cli(_card_verify_command(out), cwd=elsewhere)
+    assert replay.returncode == 0, replay.stdout
+    assert "equal the recipe's merge bit for bit" in replay.stdout
+
+
+def test_recipe_paths_relative_to_its_folder(make_models, tmp_path, monkeypatch):
+    folder = tmp_path / "kept"
+    for i, source in enumerate(make_models("bert-encoder", 2)):
+        shutil.copytree(source, folder / f"m{i}")
+    (folder / "recipe.yaml").write_text(
+        "model_type: encoder\nmodels:\n  - {path: m0, weight: 0.5}\n  - {path: m1, weight: 0.5}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(folder / "recipe.yaml").model_paths == [str(folder / "m0"), str(folder / "m1")]
+
+
+def test_hub_ids_are_recorded_with_their_revision(make_models, tmp_path):
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(constants.HF_HUB_CACHE) / "models--test-org--tiny-bert"
+    shutil.copytree(make_models("bert-encoder", 1)[0], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "merged"
+    merge(["test-org/tiny-bert", make_models("bert-encoder", 2)[1]], "encoder", out, weights=WEIGHTS)
+    recorded = load_recipe(out / "merge_recipe.yaml")
+    assert (recorded.models[0].path, recorded.models[0].revision) == ("test-org/tiny-bert", commit)
+    (repo / "refs" / "main").write_text("f" * 40)  # main moved on; the recorded commit still replays
+    from merge_hooks.verify import verify_folder
+
+    report = verify_folder(out, against=recorded, loaders=False)
+    assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("save_format, dtype", [("bin", "float16"), ("safetensors", "bfloat16")])
+def test_convert_rewrites_card_recipe_info_and_manifest(save_format, dtype, make_models, tmp_path):
+    out = tmp_path / "merged"
+    merge(make_models("bert-encoder", 2), "encoder", out, weights=WEIGHTS, save_format="safetensors")
+    converted = _cli(["convert", str(out), str(tmp_path / "converted"), "--save-format", save_format,
+                      "--dtype", dtype, "-q"], cwd=tmp_path)
+    assert converted.returncode == 0, converted.stderr
+    folder = tmp_path / "converted"
+    info = json.loads((folder / "merge_info.json").read_text())
+    assert (info["save_format"], info["dtype"]) == (save_format, dtype)
+    recipe = load_recipe(folder / "merge_recipe.yaml")
+    assert (recipe.output.path, recipe.output.save_format, recipe.output.dtype) == (folder, save_format, dtype)
+    meta, body = front_matter(folder / "README.md")
+    assert f"`{save_format}`, dtype `{dtype}`" in body
+    assert f"SentenceTransformer({str(folder)!r})" in body and str(out) + "'" not in body
+    replay = _cli(_card_verify_command(folder), cwd=tmp_path)
+    assert replay.returncode == 0, replay.stdout
+    assert "equal the recipe's merge bit for bit" in replay.stdout and "sha256" in replay.stdout

@@ -16,6 +16,7 @@ from ..errors import MergeHooksError
 from ..tensors import TensorSource, TensorSpec
 from .. import dtypes
 from ..dtypes import DType
+from ..progress import silenced_tqdm
 from . import EngineResult, collecting_garbage, written_dtype
 
 if TYPE_CHECKING:
@@ -53,6 +54,12 @@ def _printed_weights(lines: list[str], model_paths: list[str]) -> Optional[list[
     return None
 
 
+def _lacks_pad_token(path: str, *, trust_remote_code: bool) -> bool:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).pad_token_id is None
+
+
 def run_cocktail(
     method: str,
     model_paths: list[str],
@@ -64,12 +71,20 @@ def run_cocktail(
     batch_size: int = 2,
     max_input_length: int = 2048,
     neg_number: int = 7,
+    seed: Optional[int] = None,
     trust_remote_code: bool = False,
+    quiet: bool = False,
 ):
     """Run one of LM_Cocktail's merge functions; return the merged model (on the CPU) and the weights used.
 
     LM_Cocktail loads every model and the tokenizer with ``trust_remote_code=True``; unless
     ``trust_remote_code``, a model that would run code of its own is refused before anything loads.
+
+    Two calls that crash inside LM_Cocktail 0.0.4 take the same arithmetic another way: a reranker's
+    ``mix_models_by_layers`` (it builds no model) runs as ``mix_models``, and a decoder
+    ``mix_models_with_data`` whose tokenizer has no pad token gets its weights from
+    :func:`~merge_hooks.engines.weights.compute_weights` (same losses, padding with the eos token),
+    then merges with ``mix_models``.
     """
     if not trust_remote_code:
         from ..preflight import custom_code
@@ -81,24 +96,35 @@ def run_cocktail(
                     f"model {path} uses custom code ({', '.join(reasons)}), which LM_Cocktail would run; "
                     "allow it with 'trust_remote_code: true' in the recipe or --trust-remote-code"
                 )
-    if method == "mix_models_by_layers" and model_type == "reranker":
-        raise MergeHooksError(
-            "LM_Cocktail 0.0.4's mix_models_by_layers crashes for rerankers; use engine 'auto' or 'stream', "
-            "which compute the same layer-by-layer merge"
-        )
     import LM_Cocktail
+    from LM_Cocktail import utils
 
+    from .weights import compute_weights, seeded
+
+    if method == "mix_models_by_layers" and model_type == "reranker":
+        logger.info("LM_Cocktail's mix_models_by_layers cannot build a reranker; running its mix_models instead")
+        method = "mix_models"
+    if method == "mix_models_with_data" and model_type == "decoder" and _lacks_pad_token(
+        model_paths[0], trust_remote_code=trust_remote_code
+    ):
+        with collecting_garbage(), seeded(seed):
+            weights = compute_weights(
+                model_paths, model_type, examples, temperature=temperature, batch_size=batch_size,
+                max_input_length=max_input_length, neg_number=neg_number, trust_remote_code=trust_remote_code,
+            )
+        method = "mix_models"
     log = _LogStream()
-    with contextlib.redirect_stdout(log), collecting_garbage():
+    with contextlib.redirect_stdout(log), collecting_garbage(), silenced_tqdm(utils, quiet=quiet):
         if method == "mix_models":
             model = LM_Cocktail.mix_models(model_paths, model_type, weights, output_path=None)
         elif method == "mix_models_by_layers":
             model = LM_Cocktail.mix_models_by_layers(model_paths, model_type, weights, output_path=None)
         else:
             # Positional: the keyword is misspelt ``example_ata`` in 0.0.4 and fixed in later sources.
-            model = LM_Cocktail.mix_models_with_data(
-                model_paths, model_type, examples, temperature, batch_size, max_input_length, neg_number, None
-            )
+            with seeded(seed):
+                model = LM_Cocktail.mix_models_with_data(
+                    model_paths, model_type, examples, temperature, batch_size, max_input_length, neg_number, None
+                )
     # mix_models_with_data moves the model to CUDA when there is one.
     return model.cpu(), (weights or _printed_weights(log.lines, model_paths) or [])
 

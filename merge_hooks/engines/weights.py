@@ -7,12 +7,44 @@ the softmax and so the weights are LM_Cocktail's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 from pathlib import Path
+from typing import Iterator, Optional
 
 from ..errors import MergeHooksError
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def seeded(seed: Optional[int]) -> Iterator[None]:
+    """Seed Python's, numpy's and torch's generators for a block, then restore them; no-op for ``None``.
+
+    LM_Cocktail samples each example's negatives with ``random.sample`` and no seed, so the weights of
+    ``mix_models_with_data`` change from run to run; under one seed they do not.
+
+    Example:
+        >>> with seeded(0):
+        ...     weights = compute_weights(paths, "encoder", examples, ...)
+    """
+    if seed is None:
+        yield
+        return
+    import numpy
+    import torch
+
+    states = random.getstate(), numpy.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        numpy.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
 
 
 def compute_weights(
