@@ -156,6 +156,8 @@ def resolve_output(path: Optional[PathLike]) -> Path:
     """
     if path is None:
         raise MergeHooksError("no output folder given: set output.path in the recipe or pass --output")
+    if not isinstance(path, (str, os.PathLike)):
+        raise MergeHooksError(f"the output path must be a string or path, not {type(path).__name__}")
     raw = os.fspath(path)
     if not isinstance(raw, str) or not raw.strip():
         raise MergeHooksError("the output path is empty (an unset shell variable?); give the folder to write")
@@ -205,7 +207,11 @@ def check_output_location(
                 )
     if target.exists() and not target.is_dir():
         raise MergeHooksError(f"output path {target} is a file; give a folder")
-    if target.is_dir() and any(target.iterdir()):
+    try:
+        occupied = target.is_dir() and any(target.iterdir())
+    except OSError as exc:
+        raise MergeHooksError(f"cannot look into the output folder {target}: {exc.strerror or exc}") from None
+    if occupied:
         if not overwrite:
             raise MergeHooksError(f"output folder {target} exists and is not empty; pass --overwrite to replace it")
         if not force and not is_merge_output(target):

@@ -31,9 +31,9 @@ from .heads import heads_present, merge_heads, write_heads
 from .preflight import InputModel, check_disk_space, check_output, load_inputs
 from .progress import byte_progress, loader_progress_bars
 from .recipe import Recipe
-from .units import format_size
 from .sidecar import copy_code_files, write_sidecars
 from .staging import Claim, claimed_output, staged_output
+from .units import format_size
 
 logger = logging.getLogger(__name__)
 

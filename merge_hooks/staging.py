@@ -182,6 +182,7 @@ def claimed_output(target: Path) -> Iterator[Claim]:
         _remove_empty(created)
         raise MergeHooksError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
     if fd is None:
+        _remove_empty(created)
         raise MergeHooksError(
             f"another merge-hooks run is writing {target} (it holds {lock}); wait for it to finish or choose another output"
         )

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from .card import MANIFEST_NAME, MergeInfo, folder_files, read_manifest, sha256_file
 from .checkpoint import BIN_NAME, SAFETENSORS_NAME, Checkpoint
 from .errors import MergeHooksError
-from .paths import inside
 from .heads import COLBERT_FILE, HEAD_FILES, SPARSE_FILE, heads_present, load_head
+from .paths import inside
 from .progress import library_warnings_hidden, loader_progress_bars
 
 if TYPE_CHECKING:

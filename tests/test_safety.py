@@ -207,6 +207,10 @@ def test_python_api_refuses_too(scratch):
         run_recipe({"model_type": "reranker"})
     with pytest.raises(MergeHooksError):
         recipe_from_dict({"model_type": "reranker", "models": "rr_0", "output": {"path": "x"}})
+    from merge_hooks.paths import check_output_location
+
+    with pytest.raises(MergeHooksError, match="must be a string or path"):
+        check_output_location(3)
     assert snapshot(scratch.parent) == before
 
 
