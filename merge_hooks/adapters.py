@@ -676,7 +676,7 @@ def adapter_requests(recipe: "Recipe") -> Optional[list[AdapterRequest]]:
     if not any(m.adapters for m in recipe.models):
         return None
     load_dtype = None if recipe.output.dtype == "keep" else dtypes.of(recipe.output.dtype)
-    return [AdapterRequest(tuple(m.adapters), m.allow_base_mismatch, load_dtype) for m in recipe.models]
+    return [AdapterRequest(tuple(m.adapters), bool(m.allow_base_mismatch), load_dtype) for m in recipe.models]
 
 
 def adapted_names(models: list[Any], names: dict[str, str], *, per_model: int = 4) -> list[str]:
