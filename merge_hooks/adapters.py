@@ -30,6 +30,7 @@ from . import dtypes
 from .checkpoint import Checkpoint
 from .dtypes import DType
 from .errors import MergeHooksError
+from .paths import confined, read_json
 from .tensors import TensorSpec
 
 if TYPE_CHECKING:
@@ -240,10 +241,7 @@ def find_adapter_folder(spec: str) -> Path:
 
 
 def read_adapter_config(folder: Path, spec: str) -> dict:
-    try:
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise MergeHooksError(f"adapter {spec!r}: {folder / CONFIG_NAME} is not readable JSON: {exc}") from None
+    config = read_json(folder, CONFIG_NAME, what=f"adapter {spec!r}: {folder / CONFIG_NAME}")
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise MergeHooksError(
@@ -267,6 +265,7 @@ def _open_weights(folder: Path, spec: str):
         path = folder / name
         if not path.is_file():
             continue
+        confined(folder, name, what=f"adapter {spec!r} weights")
         try:
             if name.endswith(".safetensors"):
                 from .io.safetensors_io import SafetensorsReader
@@ -429,7 +428,7 @@ def _embedding_file(given: Path, found: Path) -> Optional[Path]:
     # FlagEmbedding's save_merged_model reads emb.pth from the output folder, not from the checkpoint.
     for folder in (given, found):
         if (folder / EMBEDDING_FILE).is_file():
-            return folder / EMBEDDING_FILE
+            return confined(folder, EMBEDDING_FILE.as_posix(), what="resized embedding")
     return None
 
 
@@ -751,7 +750,7 @@ def write_adapter_sidecars(checkpoint: Any, directory: Path) -> None:
                 (directory / name).unlink()
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
-                shutil.copy2(folder / name, directory / name)
+                shutil.copy2(confined(folder, name, what="tokenizer file"), directory / name)
     if checkpoint.resized_vocab is not None:
         config_path = directory / "config.json"
         config = json.loads(config_path.read_text())

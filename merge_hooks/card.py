@@ -112,6 +112,9 @@ def recorded_recipe(recipe: "Recipe", models: list["InputModel"], *, output: Pat
     """
     entries = []
     for entry, model in zip(recipe.models, models):
+        if entry.adapter is not None:
+            adapters = [str(Path(a).expanduser().absolute()) if Path(a).expanduser().exists() else a for a in entry.adapters]
+            entry = entry.model_copy(update={"adapter": adapters[0] if isinstance(entry.adapter, str) else adapters})
         if Path(entry.path).expanduser().exists():
             entries.append(entry.model_copy(update={"path": str(model.path)}))
         elif model.path.parent.name == "snapshots":  # the hub cache's <repo>/snapshots/<commit> folder

@@ -411,3 +411,16 @@ def test_recipe_rules_for_adapters(llama, tmp_path):
     with pytest.raises(MergeHooksError, match="no empty parts"):
         model_entry_from_arg(f"{llama}+")
     assert model_entry_from_arg(f"{llama}+a+b") == {"path": str(llama), "adapter": ["a", "b"]}
+
+
+def test_adapter_files_outside_the_adapter_folder_are_refused(llama, tmp_path, capsys):
+    """An adapter's config, weights or resized embedding symlinked out of its folder is never read."""
+    good = make_adapter(llama, tmp_path / "good", r=4, lora_alpha=8, target_modules=["q_proj"])
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(good, outside)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        linked = tmp_path / f"linked-{name}"
+        shutil.copytree(good, linked)
+        (linked / name).unlink()
+        (linked / name).symlink_to(outside / name)
+        assert f"{name!r} of {linked} lies outside that folder" in _bad_merge(llama, linked, tmp_path, capsys)
