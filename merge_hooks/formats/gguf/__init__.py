@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
-from .. import OutputFormat, WriteOptions
+from .. import FormatCheck, OutputFormat, PreflightContext, WriteOptions
 from ...errors import MergeHooksError
 
 EXTRA_HINT = "pip install 'merge-hooks[gguf]'"
@@ -27,34 +28,61 @@ def require_gguf() -> None:
         raise MergeHooksError(f"the gguf format needs the gguf package: {EXTRA_HINT}") from None
 
 
-def _read_config(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+def _preflight(context: PreflightContext) -> None:
+    """Everything that can make the GGUF impossible, checked before any merge work."""
+    from ...checkpoint import Checkpoint
+    from .families import family_for
+    from .writer import default_gguf_type, plan_tensors, pooling_type
+    from .vocab import export_vocab
+
+    require_gguf()
+    family = family_for(context.config)
+    with Checkpoint(context.model_dir) as checkpoint:
+        specs = list(checkpoint.specs.values())
+    gguf_type = getattr(context.output, "gguf_type", None) or default_gguf_type(specs)
+    planned = plan_tensors(specs, family, context.config, gguf_type)
+    embedding = next((p for p in planned if p.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise MergeHooksError(f"cannot write GGUF: {context.model_dir} has no token embedding for this {family.name}")
+    export_vocab(context.model_dir, vocab_size=embedding.shape[0])
+    pooling_type(family, context.model_dir)
 
 
 def _write(source, directory: Path, options: WriteOptions) -> list[Path]:
     from .writer import write_gguf
 
     require_gguf()
-    model_dir = getattr(options, "model_dir", None)
-    if model_dir is None:
+    if options.model_dir is None:
         raise MergeHooksError("the gguf format needs the input model's folder (tokenizer and config)")
-    output = getattr(options, "output", None)
-    config = getattr(options, "config", None) or _read_config(model_dir)
+    config = options.config or json.loads((options.model_dir / "config.json").read_text(encoding="utf-8"))
     return write_gguf(
         source,
         directory,
-        model_dir=Path(model_dir),
+        model_dir=Path(options.model_dir),
         config=config,
-        output_name=getattr(options, "output_name", None) or Path(directory).name,
-        gguf_type=getattr(output, "gguf_type", None),
+        output_name=options.output_name or Path(directory).name,
+        gguf_type=getattr(options.output, "gguf_type", None),
         max_shard_size=options.max_shard_size,
+        base_models=[Path(options.model_dir).name],
         progress=options.progress,
     )
 
 
+def _check(folder: Path) -> Optional[FormatCheck]:
+    from .check import check_gguf_folder, gguf_files
+
+    if not gguf_files(folder):
+        return None
+    require_gguf()
+    passed, problems = check_gguf_folder(folder)
+    return FormatCheck(passed=passed, problems=problems)
+
+
 FORMAT = OutputFormat(
     name="gguf",
-    description="<output>-<TYPE>.gguf for llama.cpp / Ollama (f32, f16, bf16 or q8_0; BERT, XLM-R, Llama, Qwen2, Gemma2)",
+    description="<output>-<TYPE>.gguf for llama.cpp / Ollama (f32, f16, bf16, q8_0; BERT, XLM-R, Llama, Qwen2, Gemma2)",
     write=_write,
     takes_arrays=True,
+    preflight=_preflight,
+    check=_check,
 )
