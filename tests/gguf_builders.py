@@ -36,6 +36,7 @@ GGUF_TOKENIZERS = Path(__file__).resolve().parent / "data" / "gguf_tokenizers"
 GGUF_FAMILIES = ("bert", "bert-reranker", "xlmr", "xlmr-reranker", "llama", "qwen2", "gemma2")
 HIDDEN = 64
 INIT_STD = 0.1
+RERANKER_HEAD_SCALE = 5.0
 
 
 def _vocab_size(tokenizer_dir: Path) -> int:
@@ -99,6 +100,11 @@ def build_gguf_model(family: str, path: Path, *, seed: int, pooling: str | None 
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * INIT_STD)
+        if family.endswith("reranker"):
+            # A tiny random encoder gives similar [CLS] states for every pair; a wider head spreads the
+            # scores over more than the tests' tolerance, so their order means something.
+            model.classifier.out_proj.weight.mul_(RERANKER_HEAD_SCALE) if hasattr(model.classifier, "out_proj") \
+                else model.classifier.weight.mul_(RERANKER_HEAD_SCALE)
     model.eval()
     save_torch_state_dict(_unique_state_dict(model), path)
     _write_config(model.config, model, path, torch.float32)

@@ -130,6 +130,31 @@ def _llama_run(llm, ids: Sequence[int], n: int) -> list[float]:
     return [float(pointer[i]) for i in range(n)]
 
 
+def load_llama(path: Path, **options):
+    """``llama_cpp.Llama(path, **options)`` with llama.cpp's weight repacking off (``--no-repack``).
+
+    On CPUs with AMX, llama.cpp's repacked Q8_0 path (vendored in llama-cpp-python 0.3.36) crashes in
+    ``llama_decode`` on files its own quantizer writes as well as on ours; the weights and results are
+    the same without it. llama-cpp-python has no argument for it, so its default model parameters are
+    wrapped while the model loads.
+    """
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), **options)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
+
+
 def _cos(a, b) -> float:
     import numpy as np
 
@@ -155,7 +180,6 @@ def compare_with_transformers(
     """
     import numpy as np
     import torch
-    from llama_cpp import Llama
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     from .families import POOLING_CLS, POOLING_LAST, POOLING_MEAN, POOLING_RANK
@@ -164,8 +188,8 @@ def compare_with_transformers(
     arch = metadata["general.architecture"]
     pooling = int(metadata.get(f"{arch}.pooling_type", 0))
     context = int(metadata.get(f"{arch}.context_length", 512))
-    llm = Llama(model_path=str(gguf_path), embedding=True, n_ctx=min(context, 512), n_batch=min(context, 512),
-                pooling_type=pooling, verbose=False)
+    llm = load_llama(gguf_path, embedding=True, n_ctx=min(context, 512), n_batch=min(context, 512),
+                     pooling_type=pooling, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     result = Agreement()
     try:

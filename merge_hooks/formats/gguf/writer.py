@@ -48,7 +48,7 @@ class PlannedTensor:
 
 def default_gguf_type(specs) -> str:
     """``bf16`` when the written weights are bfloat16, else ``f16`` (llama.cpp's converter default)."""
-    floating = [s.dtype.name for s in specs if s.dtype.floating and len(s.shape) > 1]
+    floating = [s.dtype.name for s in specs if s.dtype.is_floating_point and len(s.shape) > 1]
     return "bf16" if floating and all(name == "bfloat16" for name in floating) else "f16"
 
 
