@@ -306,6 +306,7 @@ def test_bge_m3_heads_stay_beside_the_gguf(make_models, tmp_path):
     names = [name for name, _ in result.files]
     assert "merged-F16.gguf" in names
     assert "colbert_linear.pt" in names and "sparse_linear.pt" in names
+    assert "GGUF cannot hold the sparse and ColBERT heads" in (folder / "README.md").read_text()
 
 
 def test_verify_reads_every_tensor_and_finds_a_truncated_file(merged, tmp_path):
