@@ -128,7 +128,7 @@ def _as_float32(value, dtype: DType):
     return value.astype(np.float32, copy=False)
 
 
-def _metadata(writer, family: Family, config: dict, *, model_dir: Path, gguf_type: str, name: str,
+def _metadata(writer, family: Family, config: dict, *, gguf_type: str, name: str,
               base_models: list[str], pooling: int) -> None:
     import gguf
 
@@ -184,7 +184,7 @@ def write_gguf(
     path = Path(directory) / gguf_file_name(output_name, gguf_type)
     writer = gguf.GGUFWriter(path, family.arch, split_max_size=max_shard_size)
     try:
-        _metadata(writer, family, config, model_dir=model_dir, gguf_type=gguf_type, name=output_name,
+        _metadata(writer, family, config, gguf_type=gguf_type, name=output_name,
                   base_models=base_models or [], pooling=pooling_type(family, model_dir))
         add_vocab(writer, vocab, model_dir)
         for tensor in planned:
