@@ -315,6 +315,11 @@ def test_verify_reads_every_tensor_and_finds_a_truncated_file(merged, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(merged("xlmr", "f16"), folder)
     assert any(line.startswith("gguf: merged-F16.gguf") for line in verify_folder(folder, loaders=False).passed)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    assert any("bert.block_count is 2, config.json says 3" in p for p in verify_folder(folder, loaders=False,
+                                                                                      hashes=False).problems)
+    (folder / "config.json").write_text(json.dumps(config))
     path = the_gguf(folder)
     path.write_bytes(path.read_bytes()[:-1000])
     report = verify_folder(folder, hashes=False, loaders=False)

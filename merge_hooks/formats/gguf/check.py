@@ -80,7 +80,27 @@ def check_gguf_folder(folder: Path) -> Optional[tuple[list[str], list[str]]]:
         passed.append(f"{path.name}: {len(reader.tensors)} tensors readable, {len(reader.fields)} metadata keys")
     if declared_total is not None and declared_total != tensors:
         problems.append(f"the split files hold {tensors} tensors, {declared_total} declared")
+    if not problems:
+        problems += _against_config(folder, files[0])
     return passed, problems
+
+
+def _against_config(folder: Path, first: Path) -> list[str]:
+    """The GGUF's sizes against the model's own config.json (written beside it)."""
+    import json
+
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        return []
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    metadata = read_metadata(first)
+    arch = metadata.get("general.architecture")
+    expected = {"block_count": config.get("num_hidden_layers"), "embedding_length": config.get("hidden_size")}
+    return [
+        f"{first.name}: {arch}.{key} is {metadata.get(f'{arch}.{key}')}, config.json says {value}"
+        for key, value in expected.items()
+        if value is not None and metadata.get(f"{arch}.{key}") != value
+    ]
 
 
 def read_metadata(path: Path) -> dict:
