@@ -59,9 +59,10 @@ def gguf_inputs(tmp_path_factory):
     return make
 
 
-def merge_to(paths, output: Path, model_type: str, *, save_format, **output_options):
+def merge_to(paths, output: Path, model_type: str, *, save_format, engine="auto", **output_options):
     recipe = recipe_from_dict({
         "model_type": model_type,
+        "engine": engine,
         "models": [{"path": str(p), "weight": w} for p, w in zip(paths, (0.6, 0.4))],
         "output": {"path": str(output), "save_format": save_format, **output_options},
     })
@@ -276,12 +277,19 @@ def test_family_tables_agree_with_gguf_py_tensor_map(gguf_inputs):
         assert checked >= 10
 
 
-def test_bf16_weights_default_to_bf16(gguf_inputs, tmp_path):
-    result = merge_to(gguf_inputs("qwen2"), tmp_path / "merged", "decoder", save_format="gguf", dtype="bfloat16")
+@pytest.mark.parametrize("engine", ["stream", "cocktail"])
+def test_bf16_weights_default_to_bf16_with_the_same_bits(gguf_inputs, tmp_path, engine):
+    from merge_hooks.checkpoint import Checkpoint
+
+    result = merge_to(gguf_inputs("qwen2"), tmp_path / "merged", "decoder", save_format="safetensors,gguf",
+                      dtype="bfloat16", engine=engine)
     names = [name for name, _ in result.files]
-    assert "merged-BF16.gguf" in names and "model.safetensors" not in names
-    types = {t.tensor_type for t in gguf.GGUFReader(tmp_path / "merged" / "merged-BF16.gguf").tensors}
-    assert types == {gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F32}
+    assert "merged-BF16.gguf" in names
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "merged" / "merged-BF16.gguf").tensors}
+    assert {t.tensor_type for t in tensors.values()} == {gguf.GGMLQuantizationType.BF16, gguf.GGMLQuantizationType.F32}
+    with Checkpoint(tmp_path / "merged") as checkpoint:
+        bits = checkpoint.get_array("model.layers.1.mlp.up_proj.weight")  # bfloat16 as uint16 bits
+    assert bytes(tensors["blk.1.ffn_up.weight"].data) == bits.tobytes()
 
 
 @needs_llama_cpp

@@ -117,15 +117,42 @@ def plan_tensors(specs, family: Family, config: dict, gguf_type: str) -> list[Pl
     return planned
 
 
-def _as_float32(value, dtype: DType):
-    """A merged tensor (torch tensor, or numpy array holding bfloat16 as uint16 bits) as float32 numpy."""
+def _as_numpy(value, dtype: DType):
+    """A merged tensor as numpy in its own dtype (bfloat16 as its uint16 bits), whether torch or numpy."""
+    if hasattr(value, "detach"):
+        import torch
+
+        value = value.detach()
+        # numpy has no bfloat16: its bits, as the array path holds them.
+        return value.view(torch.int16).numpy().view(dtype.storage) if dtype.name == "bfloat16" else value.numpy()
+    return value
+
+
+def _as_float32(array, dtype: DType):
     import numpy as np
 
-    if hasattr(value, "detach"):
-        return value.detach().float().numpy()
     if dtype.name == "bfloat16":
-        return (value.astype(np.uint32) << 16).view(np.float32)
-    return value.astype(np.float32, copy=False)
+        bits = array.astype(np.uint32)
+        bits <<= 16
+        return bits.view(np.float32)
+    return array.astype(np.float32, copy=False)
+
+
+# Stored dtype -> the GGUF type whose bytes are the same: such tensors are written as they come.
+_SAME_BYTES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _tensor_bytes(value, spec: TensorSpec, tensor: PlannedTensor, config: dict):
+    """The bytes of one GGUF tensor: the merged values as they are when the type matches, else converted."""
+    import gguf
+
+    array = _as_numpy(value, spec.dtype)
+    if tensor.transform is None and _SAME_BYTES.get(spec.dtype.name) == tensor.qtype.name:
+        return array
+    array = _as_float32(array, spec.dtype)
+    if tensor.transform is not None:
+        array = tensor.transform.apply(array, config)
+    return gguf.quants.quantize(array, tensor.qtype)
 
 
 def _metadata(writer, family: Family, config: dict, *, gguf_type: str, name: str,
@@ -196,14 +223,11 @@ def write_gguf(
         specs = {s.name: s for s in source.specs}
         for tensor in planned:
             spec: TensorSpec = specs[tensor.hf_name]
-            array = _as_float32(source.get(tensor.hf_name), spec.dtype)
-            if tensor.transform is not None:
-                array = tensor.transform.apply(array, config)
-            data = gguf.quants.quantize(array.astype("float32", copy=False), tensor.qtype)
+            data = _tensor_bytes(source.get(tensor.hf_name), spec, tensor, config)
             if data.nbytes != tensor.nbytes:
                 raise AssertionError(f"{tensor.name}: {data.nbytes} bytes, {tensor.nbytes} declared")
             writer.write_tensor_data(data)
-            del array, data
+            del data
             if progress is not None:
                 progress(spec.nbytes)
     finally:
