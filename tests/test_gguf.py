@@ -411,3 +411,39 @@ def test_convert_cli_writes_gguf_only(gguf_inputs, tmp_path, capsys):
         from merge_hooks.convert import convert
 
         convert(gguf_inputs("xlmr")[0], tmp_path / "out2", save_format="safetensors", gguf_type="f16")
+
+
+@needs_llama_cpp
+def test_bert_cross_encoder_refusal_is_measured(gguf_inputs, tmp_path, monkeypatch):
+    """Why BERT cross-encoders are refused: written as llama.cpp could run them (pooler as ``cls``, classifier as
+    ``cls.output``, rank pooling), they score like transformers only once token-type row 1 equals row 0."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from merge_hooks.checkpoint import Checkpoint
+    from merge_hooks.formats.gguf import writer
+    from merge_hooks.formats.gguf.check import compare_with_transformers
+    from merge_hooks.formats.gguf.families import BERT, POOLING_RANK, Rule
+    from merge_hooks.tensors import TensorSource
+
+    as_llama_cpp_could = dataclasses.replace(
+        BERT, rules=BERT.rules + (Rule("pooler.dense", "cls"), Rule("classifier", "cls.output")),
+        drop=tuple(d for d in BERT.drop if d != "pooler.dense"), pooling=POOLING_RANK, _compiled=[])
+    monkeypatch.setattr(writer, "family_for", lambda config: as_llama_cpp_could)
+
+    def max_score_diff(folder: Path) -> float:
+        config = json.loads((folder / "config.json").read_text())
+        with Checkpoint(folder) as checkpoint:
+            source = TensorSource(specs=list(checkpoint.specs.values()), get=checkpoint.get_array)
+            path, = writer.write_gguf(source, folder, model_dir=folder, config=config, output_name="x", gguf_type="f32")
+        return compare_with_transformers(path, folder).max_score_diff
+
+    model = shutil.copytree(gguf_inputs("bert-reranker")[0], tmp_path / "as-is")
+    assert max_score_diff(model) > 0.5
+    same_rows = shutil.copytree(model, tmp_path / "same-rows", ignore=shutil.ignore_patterns("*.gguf"))
+    state_dict = load_file(same_rows / "model.safetensors")
+    types = state_dict["bert.embeddings.token_type_embeddings.weight"]
+    types[1] = types[0]
+    save_file(state_dict, same_rows / "model.safetensors", metadata={"format": "pt"})
+    assert max_score_diff(same_rows) < 1e-2

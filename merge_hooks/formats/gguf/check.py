@@ -223,10 +223,11 @@ def compare_with_transformers(
         if pooling == POOLING_RANK:
             model = AutoModelForSequenceClassification.from_pretrained(model_dir).float().eval()
             for query, document in pairs:
-                ids = tokenizer(query, document)["input_ids"]
-                result.scores_gguf.append(_llama_run(llm, ids, 1)[0])
+                # What a cross-encoder gets from its tokenizer, token types included (BERT gives the document 1s).
+                encoded = tokenizer(query, document, return_tensors="pt")
+                result.scores_gguf.append(_llama_run(llm, encoded["input_ids"][0].tolist(), 1)[0])
                 with torch.no_grad():
-                    result.scores_hf.append(float(model(torch.tensor([ids])).logits[0, 0]))
+                    result.scores_hf.append(float(model(**encoded).logits[0, 0]))
             return result
         model = AutoModel.from_pretrained(model_dir).float().eval()
         ours_all, theirs_all = [], []
