@@ -102,6 +102,13 @@ LORA_MARKER = "<!-- lora rows: written by run.py --lora -->"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 SPEED_GOAL_VS_COCKTAIL = 4.0
 SPEED_GOAL_VS_FLOOR = 1.5
+# GGUF: merge -> GGUF against LM_Cocktail mix_models + llama.cpp's convert_hf_to_gguf.py, and GGUF against safetensors.
+GGUF_GOAL_VS_CONVERTER = 4.0
+GGUF_GOAL_VS_SAFETENSORS = 1.5
+GGUF_TYPES = ("f16", "q8_0")
+GGUF_N = {"bert-base": 3, "llama-0.8b": 2}
+LLAMA_SRC = Path("/work/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp")
+GGUF_BEGIN, GGUF_END = "<!-- gguf results: begin -->", "<!-- gguf results: end -->"
 MEMORY_SLACK = 100 * MB
 # LM_Cocktail's imports (sentence-transformers, transformers, accelerate) on top of the models.
 COCKTAIL_IMPORT_BYTES = 0.6 * GB
@@ -617,6 +624,61 @@ class Bench:
             self.log_row(row)
             self.rows.append(row)
 
+    def gguf_config(self, model_key: str, n: int) -> None:
+        """merge-hooks merge -> GGUF vs LM_Cocktail mix_models then llama.cpp's converter, and vs merge -> safetensors."""
+        args = self.args
+        paths = ensure_models(self.python, self.workdir, model_key, n)
+        self.infos[model_key] = read_model_info(paths[0])
+        inputs = [p / "model.safetensors" for p in paths]
+        output = self.out / "result"
+        safetensors = Row(model_key, n, "merge-hooks safetensors")
+        for _ in range(args.repeats):
+            warm_cache(inputs)
+            self.record(safetensors, self.run(f"gguf-{model_key}-{n}-safetensors",
+                                              self.merge_hooks_argv(model_key, paths, "safetensors", output),
+                                              timeout=args.time_cap, output=output))
+        self.log_row(safetensors)
+        self.rows.append(safetensors)
+        for gguf_type in GGUF_TYPES:
+            ours = Row(model_key, n, f"merge-hooks gguf {gguf_type}")
+            argv = self.merge_hooks_argv(model_key, paths, "gguf", output) + ["--gguf-type", gguf_type]
+            for _ in range(args.repeats):
+                warm_cache(inputs)
+                self.record(ours, self.run(f"gguf-{model_key}-{n}-{gguf_type}", argv, timeout=args.time_cap,
+                                           output=output))
+            self.log_row(ours)
+            self.rows.append(ours)
+        cocktail = Row(model_key, n, "LM_Cocktail mix_models")
+        reason = self.cocktail_skip_reason(model_key, n, "mix_models", self.infos[model_key])
+        merged = self.out / "cocktail"
+        if reason:
+            cocktail.note = f"skipped ({reason})"
+        else:
+            warm_cache(inputs)
+            clear(merged)
+            self.waited += wait_for_quiet(args.quiet_wait, args.quiet_cores)
+            self.record(cocktail, measure(self.cocktail_argv("mix_models", model_key, paths, merged),
+                                          log=self.logs / f"gguf-{model_key}-{n}-cocktail.log", timeout=args.time_cap,
+                                          env=self.env()))
+        self.log_row(cocktail)
+        self.rows.append(cocktail)
+        for gguf_type in GGUF_TYPES:
+            row = Row(model_key, n, f"convert_hf_to_gguf.py {gguf_type}")
+            if not cocktail.runs:
+                row.note = "skipped (no LM_Cocktail output)"
+            else:
+                outfile = self.out / "converted.gguf"
+                self.waited += wait_for_quiet(args.quiet_wait, args.quiet_cores)
+                argv = [self.python, str(args.llama_src / "convert_hf_to_gguf.py"), str(merged), "--outtype", gguf_type,
+                        "--outfile", str(outfile)]
+                env = {**self.env(), "PYTHONPATH": str(args.llama_src / "gguf-py")}
+                self.record(row, measure(argv, log=self.logs / f"gguf-{model_key}-{n}-convert-{gguf_type}.log",
+                                         timeout=args.time_cap, env=env))
+                clear(outfile)
+            self.log_row(row)
+            self.rows.append(row)
+        clear(merged)
+
     def log_row(self, row: Row) -> None:
         self.log(f"  {row.run:<34} {fmt_s(row.wall):>8} s  cpu (sys) {row.cpu:>13} s  peak {fmt_mb(row.peak):>6} MB  "
                  f"{row.note}")
@@ -870,6 +932,60 @@ def summary_lines(bench: Bench) -> list[str]:
     return lines
 
 
+def gguf_section(bench: Bench) -> str:
+    """The GGUF rows and goals as a Markdown section (kept between markers inside RESULTS.md)."""
+    by_key = {(r.model, r.n, r.run): r for r in bench.rows}
+    lines = [
+        GGUF_BEGIN,
+        "## GGUF output (`--save-format gguf`)",
+        "",
+        f"Measured with `{bench.args.command}` on {machine()['cpu']}, load average {bench.load_before} before and "
+        f"{load_average()} after. The reference is what users run today: LM_Cocktail `mix_models` writing a "
+        "folder, then llama.cpp's `convert_hf_to_gguf.py` (from the llama-cpp-python 0.3.36 sdist, its own gguf-py "
+        "on `PYTHONPATH`) on that folder; both timed in the same run as merge-hooks. Best of the runs; peak RSS of "
+        "the process.",
+        "",
+        "| model | N | run | wall s | cpu (sys) s | peak RSS MB | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in bench.rows:
+        lines.append(f"| {row.model} | {row.n} | {row.run} | {fmt_s(row.wall)} | {row.cpu} | {fmt_mb(row.peak)} | "
+                     f"{row.note} |")
+    lines += ["", "| model | N | type | merge-hooks -> GGUF s | LM_Cocktail + converter s | speed-up "
+                  f"(goal >= {GGUF_GOAL_VS_CONVERTER:g}x) | GGUF / safetensors (goal <= {GGUF_GOAL_VS_SAFETENSORS:g}x) |",
+              "|---|---|---|---|---|---|---|"]
+    for (model, n), _ in {(r.model, r.n): None for r in bench.rows}.items():
+        safetensors = by_key.get((model, n, "merge-hooks safetensors"))
+        cocktail = by_key.get((model, n, "LM_Cocktail mix_models"))
+        for gguf_type in GGUF_TYPES:
+            ours = by_key.get((model, n, f"merge-hooks gguf {gguf_type}"))
+            converter = by_key.get((model, n, f"convert_hf_to_gguf.py {gguf_type}"))
+            reference = cocktail.wall + converter.wall if cocktail and cocktail.wall and converter and converter.wall \
+                else None
+            speedup = reference / ours.wall if reference and ours and ours.wall else None
+            vs_st = ours.wall / safetensors.wall if ours and ours.wall and safetensors and safetensors.wall else None
+            speed_ok = None if speedup is None else speedup >= GGUF_GOAL_VS_CONVERTER
+            st_ok = None if vs_st is None or gguf_type != "f16" else vs_st <= GGUF_GOAL_VS_SAFETENSORS
+            lines.append(
+                f"| {model} | {n} | {gguf_type} | {fmt_s(ours.wall if ours else None)} | {fmt_s(reference)} | "
+                f"{'-' if speedup is None else f'{speedup:.2f}x'} {verdict(speed_ok)} | "
+                f"{'-' if vs_st is None else f'{vs_st:.2f}x'} {verdict(st_ok) if gguf_type == 'f16' else ''} |"
+            )
+    lines.append(GGUF_END)
+    return "\n".join(lines) + "\n"
+
+
+def write_gguf_section(results: Path, section: str) -> None:
+    """Put ``section`` into ``results`` between the GGUF markers, leaving the rest of the report as it is."""
+    text = results.read_text() if results.is_file() else ""
+    if GGUF_BEGIN in text and GGUF_END in text:
+        head, rest = text.split(GGUF_BEGIN, 1)
+        text = head + section.rstrip("\n") + rest.split(GGUF_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
+
+
 def verdict(ok: Optional[bool]) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "**FAIL**")
 
@@ -1029,6 +1145,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora", action="store_true",
                         help="only the LoRA adapter rows (about 2 minutes); replaces their section of --results")
     parser.add_argument("--no-profile", action="store_true", help="skip the importtime / cProfile section")
+    parser.add_argument("--gguf", action="store_true",
+                        help="only the GGUF rows (BERT-base x3 and the bf16 decoder x2, f16 and q8_0) against LM_Cocktail "
+                             "+ llama.cpp's converter; updates the GGUF section of --results and leaves the rest")
+    parser.add_argument("--llama-src", type=Path, default=LLAMA_SRC,
+                        help=f"llama.cpp source tree with convert_hf_to_gguf.py (default: {LLAMA_SRC})")
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "work", help="models and scratch (default: benchmarks/work)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="where to write the report")
     parser.add_argument("--python", default=sys.executable, help="Python of the stack to measure (default: this one)")
@@ -1053,6 +1174,13 @@ def main() -> None:
     versions = json.loads(subprocess.run([args.python, "-c", VERSIONS_CODE], check=True, capture_output=True,
                                          text=True, env=child_env()).stdout)
     bench = Bench(args)
+    if args.gguf:
+        args.command = command
+        for model_key in args.models:
+            bench.gguf_config(model_key, GGUF_N[model_key])
+        write_gguf_section(args.results, gguf_section(bench))
+        bench.log(f"wrote the GGUF section of {args.results}")
+        return
     bench.log(f"peak RSS from {'/usr/bin/time -v' if TIME_BIN else 'os.wait4 rusage (/usr/bin/time missing)'}; "
               f"versions: {versions}")
     if args.lora:

@@ -234,6 +234,9 @@ def render_card(info: MergeInfo, recipe: "Recipe", *, location: str) -> str:
             f"- bge-m3 heads: {' and '.join(f'`{h}`' for h in HEAD_FILES)} merged with the same weights "
             "(LM_Cocktail alone leaves them out, and FlagEmbedding would then initialise them randomly)"
         )
+        if "gguf" in info.save_format.split(","):
+            details.append("- GGUF: the `.gguf` file holds the dense model only; GGUF cannot hold the sparse and "
+                           "ColBERT heads, which stay beside it as `.pt` files")
     details += _adapter_lines(info)
     versions = "\n".join(f"| {package} | {ver} |" for package, ver in info.versions.items())
     metadata = yaml.safe_dump(front_matter(info), sort_keys=False, allow_unicode=True)

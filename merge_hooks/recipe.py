@@ -84,6 +84,8 @@ class OutputOptions(_Strict):
     save_format: Union[str, list[str]] = "safetensors"
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE
     dtype: DType = "keep"
+    #: GGUF tensor type (f32, f16, bf16, q8_0); default f16, or bf16 for bfloat16 weights.
+    gguf_type: Optional[str] = None
 
     @field_validator("path", mode="before")
     @classmethod
@@ -107,6 +109,22 @@ class OutputOptions(_Strict):
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
         return value
+
+    @field_validator("gguf_type")
+    @classmethod
+    def _known_gguf_type(cls, value: Optional[str]) -> Optional[str]:
+        from .formats.gguf.writer import GGUF_TYPES
+
+        if value is not None and value.lower() not in GGUF_TYPES:
+            raise ValueError(f"unknown gguf_type {value!r}; use one of {', '.join(GGUF_TYPES)}")
+        return value.lower() if value is not None else None
+
+    @model_validator(mode="after")
+    def _gguf_type_needs_gguf(self) -> "OutputOptions":
+        if self.gguf_type is not None and "gguf" not in self.formats:
+            raise ValueError(f"gguf_type is set but gguf is not among the save formats ({', '.join(self.formats)}); "
+                             "add gguf to save_format")
+        return self
 
     @property
     def formats(self) -> list[str]:
