@@ -28,6 +28,7 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
                         help="output format(s): safetensors, bin, both, or several as FMT1,FMT2 (see 'merge-hooks formats')")
     parser.add_argument("--max-shard-size", metavar="SIZE", help="split weights into shards of at most SIZE (e.g. 5GB, 500MB)")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (keep = the first model's)")
+    parser.add_argument("--onnx-quantize", metavar="MODE", help="with the onnx format: also write ONNX Runtime's dynamic int8 model (qint8)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (only once the new one is complete)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
 
@@ -97,6 +98,7 @@ def _recipe_from_args(args: argparse.Namespace):
         "output.save_format": args.save_format,
         "output.max_shard_size": args.max_shard_size,
         "output.dtype": args.dtype,
+        "output.onnx_quantize": args.onnx_quantize,
     }
     if args.models or args.weights:
         models = args.models or []
@@ -158,6 +160,7 @@ def _run(args: argparse.Namespace) -> int:
             dtype=args.dtype or "keep",
             overwrite=args.overwrite,
             quiet=args.quiet,
+            **({"onnx_quantize": args.onnx_quantize} if args.onnx_quantize else {}),
         )
         if not args.quiet:
             print(_summary(result, verb="wrote"))
