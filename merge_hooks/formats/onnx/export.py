@@ -60,10 +60,11 @@ def _quiet_exporter():
 
 
 def save_graph(module: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path, *,
-               external_data_threshold: int = layout.EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+               external_data_threshold: Optional[int] = None) -> list[Path]:
     """Export ``module`` called with ``inputs`` (batch and sequence dimensions dynamic) to ``path``.
 
-    Weights go to ``<path>_data`` beside it when they exceed ``external_data_threshold`` bytes.
+    Weights go to ``<path>_data`` beside it when they exceed ``external_data_threshold`` bytes
+    (default :data:`layout.EXTERNAL_DATA_THRESHOLD`).
     Returns the files written.
 
     Example:
@@ -86,6 +87,8 @@ def save_graph(module: torch.nn.Module, inputs: dict[str, torch.Tensor], path: P
             dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in inputs),),
             verbose=False,
         )
+    if external_data_threshold is None:
+        external_data_threshold = layout.EXTERNAL_DATA_THRESHOLD
     external = _parameter_bytes(module) > external_data_threshold
     data_name = layout.data_file(path.name)
     onnx_ir.save(program.model, path, external_data=data_name if external else None)
@@ -93,7 +96,7 @@ def save_graph(module: torch.nn.Module, inputs: dict[str, torch.Tensor], path: P
 
 
 def export_folder(folder: Path, *, kind: str, quantize: Optional[str] = None,
-                  external_data_threshold: int = layout.EXTERNAL_DATA_THRESHOLD) -> list[Path]:
+                  external_data_threshold: Optional[int] = None) -> list[Path]:
     """Write ``onnx/model.onnx`` (and ``onnx/model_m3.onnx`` for bge-m3, the quantized variant when asked)
     for the transformers model in ``folder``; return the files written.
 
