@@ -205,7 +205,7 @@ def test_different_tensor_names(make_models, tmp_path, capsys):
 def test_unknown_save_format_lists_known(encoders, tmp_path, capsys):
     err = _bad(tmp_path, capsys, "merge", "--model-type", "encoder", "--models", *encoders,
                "--weights", "0.5", "0.5", "-o", tmp_path / "merged", "--save-format", "gguf")
-    assert "unknown save format 'gguf'" in err and "bin, both, safetensors" in err
+    assert "unknown save format 'gguf'" in err and "known formats: bin, both, onnx, safetensors" in err
 
 
 def test_output_exists_and_is_not_empty(encoders, tmp_path, capsys):
