@@ -341,11 +341,20 @@ def test_formats_lists_onnx_without_importing_it():
     assert lines[-1] == "[]"
 
 
-def test_convert_writes_onnx_from_a_model_folder(make_models, tmp_path):
-    source = make_models("xlmr-reranker", 2)[0]
+def test_convert_writes_onnx_with_the_tokenizers_inputs(make_models, tmp_path):
+    """An XLM-R reranker whose tokenizer gives no token_type_ids (as XLM-R's own does): neither does the graph."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(make_models("xlmr-reranker", 2)[0], source)
+    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
+    tokenizer_config["model_input_names"] = ["input_ids", "attention_mask"]
+    (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     assert run_cli("convert", source, tmp_path / "out", "--save-format", "onnx", "-q") == 0
     folder = tmp_path / "out"
     assert (folder / "onnx" / "model.onnx").is_file() and not (folder / "model.safetensors").exists()
+    assert_graph_signature(folder / "onnx" / "model.onnx", ("input_ids", "attention_mask"), ("logits",))
     inputs = tokenize(folder, PAIRS, pairs=True)
+    assert "token_type_ids" not in inputs
     got = run_onnx(folder / "onnx" / "model.onnx", inputs)["logits"]
     assert np.abs(got - torch_outputs(source, "reranker", inputs).logits.numpy()).max() <= TOLERANCE

@@ -71,13 +71,15 @@ def _write(source, directory: Path, options: WriteOptions) -> list[Path]:
 
 def _finish(directory: Path, options: WriteOptions) -> list[Path]:
     _require_extra()
+    from ...engines import collecting_garbage
     from ...progress import loader_progress_bars
     from .check import check_onnx
     from .export import export_folder
 
     quantize: Optional[str] = getattr(options.output, "onnx_quantize", None)
     kind = layout.model_kind(layout.read_config(directory), model_type=options.model_type)
-    with loader_progress_bars(enabled=False):
+    # Two transformers models are built and dropped here (export, then the check's reference).
+    with collecting_garbage(), loader_progress_bars(enabled=False):
         written = export_folder(directory, kind=kind, quantize=quantize)
         result = check_onnx(directory, kind=kind)
     if result.problems:
