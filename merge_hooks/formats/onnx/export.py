@@ -26,7 +26,7 @@ from .graphs import EncoderGraph, RerankerGraph, load_model, m3_graph, tokenize
 
 logger = logging.getLogger(__name__)
 
-# ONNX opset of the exported graphs: ONNX Runtime >= 1.16 runs it.
+# ONNX opset of the exported graphs (ONNX Runtime 1.14 and later run it).
 OPSET = 18
 
 

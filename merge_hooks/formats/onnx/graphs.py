@@ -111,10 +111,9 @@ def load_model(folder: Path, kind: str, *, state_dict: Optional[dict[str, torch.
     else:
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(folder)
-        config._attn_implementation = "eager"
         options = {"add_pooling_layer": False} if kind == "encoder" else {}
-        model = cls.from_config(config, **options).to(torch.float32)
+        model = cls.from_config(transformers.AutoConfig.from_pretrained(folder), attn_implementation="eager",
+                                **options).to(torch.float32)
         # Buffers the model does not save (BERT's position_ids) are graph constants all the same.
         unsaved = {name for name, _ in model.named_buffers()} - set(model.state_dict())
         model.load_state_dict({k: v for k, v in state_dict.items() if k not in unsaved}, strict=True)
