@@ -319,6 +319,15 @@ def test_missing_extra_names_it(make_models, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
 
 
+def test_verify_without_the_extra_names_it(bert_merges, monkeypatch):
+    from merge_hooks.formats import onnx as onnx_format
+
+    monkeypatch.setitem(onnx_format.REQUIRED_MODULES, "onnx_runtime_that_is_not_installed", "onnxruntime")
+    result = onnx_format.FORMAT.check(bert_merges[1])
+    assert result.problems == ["ONNX files found but onnxruntime not installed: pip install 'merge-hooks[onnx]'"]
+    assert onnx_format.FORMAT.check(bert_merges[0]) is None
+
+
 def test_failed_check_writes_nothing(make_models, tmp_path, monkeypatch):
     from merge_hooks.formats.onnx import check
 
