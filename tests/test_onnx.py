@@ -286,6 +286,16 @@ def test_m3_graph_computes_flagembeddings_three_outputs(m3_merges):
     assert np.abs(hidden - torch_outputs(folder, "encoder", inputs).last_hidden_state.numpy()).max() <= TOLERANCE
 
 
+@needs_st_onnx_backend
+def test_sentence_transformers_loads_external_data(m3_merges):
+    from sentence_transformers import SentenceTransformer
+
+    folder = m3_merges
+    expected = SentenceTransformer(str(folder), device="cpu").encode(SENTENCES)
+    got = SentenceTransformer(str(folder), backend="onnx", model_kwargs={"file_name": "onnx/model.onnx"}).encode(SENTENCES)
+    assert np.abs(got - expected).max() <= TOLERANCE
+
+
 # --- errors ---------------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,6 @@ model is loaded from the folder's torch weights, or, in a folder with ONNX weigh
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -21,8 +20,6 @@ from .. import FormatCheck
 from . import layout
 from .export import graphs_for
 from .graphs import load_model, tokenize
-
-logger = logging.getLogger(__name__)
 
 #: max abs difference allowed between ONNX Runtime and PyTorch (float32 graphs)
 TOLERANCE = 1e-4
