@@ -194,6 +194,13 @@ for name in Path(base).glob("vocab*"):
     shutil.copy2(name, out)
 """
 
+# optimum's ONNX export of a finished folder, as users run it after LM_Cocktail (validation on, as ours is).
+OPTIMUM_CODE = """
+import sys
+from optimum.exporters.onnx import main_export
+main_export(sys.argv[1], output=sys.argv[2], task=sys.argv[3], library_name="transformers", do_validation=True)
+"""
+
 BASELINE_CODE = """
 import importlib, sys
 for name in open(sys.argv[1]).read().split():
@@ -1144,6 +1151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="but wait at most this many seconds (default: 60; 0 turns waiting off)")
     parser.add_argument("--lora", action="store_true",
                         help="only the LoRA adapter rows (about 2 minutes); replaces their section of --results")
+    parser.add_argument("--onnx", action="store_true",
+                        help="only the ONNX rows (BERT-base, N=2: merge-hooks [safetensors, onnx] against LM_Cocktail + "
+                        "optimum's export; needs optimum-onnx, stack A); replaces that section of the results file")
     parser.add_argument("--no-profile", action="store_true", help="skip the importtime / cProfile section")
     parser.add_argument("--gguf", action="store_true",
                         help="only the GGUF rows (BERT-base x3 and the bf16 decoder x2, f16 and q8_0) against LM_Cocktail "
@@ -1160,6 +1170,81 @@ def parse_args(argv=None) -> argparse.Namespace:
     # BERT-base runs first: its LM_Cocktail timings give the time estimates for the bigger model.
     args.models.sort(key=list(MODELS).index)
     return args
+
+
+ONNX_BEGIN, ONNX_END = "<!-- onnx-export -->", "<!-- /onnx-export -->"
+
+
+def run_onnx(bench: Bench, n: int = 2) -> list[Row]:
+    """BERT-base: merge-hooks merge -> [safetensors, onnx] against LM_Cocktail mix_models + optimum's export."""
+    paths = ensure_models(bench.python, bench.workdir, "bert-base", n)
+    warm_cache([p / "model.safetensors" for p in paths])
+    rows = []
+    for fmt in ("safetensors", "safetensors,onnx"):
+        row = Row("bert-base", n, f"merge-hooks {fmt}")
+        output = bench.out / "onnx-merge-hooks"
+        row.runs.append(bench.run(f"onnx-{fmt}", bench.merge_hooks_argv("bert-base", paths, fmt, output),
+                                  timeout=bench.args.time_cap, output=output))
+        rows.append(row)
+    cocktail_out, optimum_out = bench.out / "onnx-cocktail", bench.out / "onnx-optimum"
+    mix = Row("bert-base", n, "LM_Cocktail mix_models")
+    clear(cocktail_out)
+    bench.waited += wait_for_quiet(bench.args.quiet_wait, bench.args.quiet_cores)
+    mix.runs.append(measure(bench.cocktail_argv("mix_models", "bert-base", paths, cocktail_out),
+                            log=bench.logs / "onnx-cocktail.log", timeout=bench.args.time_cap, env=bench.env()))
+    export = Row("bert-base", n, "optimum export of its output (feature-extraction)")
+    export.runs.append(bench.run("onnx-optimum", [bench.python, "-c", OPTIMUM_CODE, str(cocktail_out),
+                                                  str(optimum_out), "feature-extraction"],
+                                 timeout=bench.args.time_cap, output=optimum_out))
+    clear(cocktail_out)
+    rows += [mix, export]
+    for row in rows:
+        bench.log(f"{row.run}: {fmt_s(row.wall)}, peak {fmt_mb(row.peak)}"
+                  + ("" if all(m.ok for m in row.runs) else " (FAILED, see logs)"))
+    return rows
+
+
+def render_onnx(rows: list[Row], versions: dict, command: str) -> str:
+    plain, ours, mix, export = rows
+    ok = all(m.ok for row in rows for m in row.runs)
+    lines = [
+        ONNX_BEGIN,
+        "## ONNX export (BERT-base, N=2)",
+        "",
+        f"`{command}`, {datetime.date.today().isoformat()}, load average {load_average()}; torch {versions['torch']}, "
+        f"transformers {versions['transformers']}. One run each, separate processes, warm page cache.",
+        "",
+        "| run | wall s | CPU user+sys (sys) s | peak RSS MB |",
+        "|---|---|---|---|",
+        *(f"| {row.run} | {fmt_s(row.wall)} | {row.cpu} | {fmt_mb(row.peak)} |" for row in rows),
+        "",
+    ]
+    if ok:
+        reference = mix.wall + export.wall
+        lines += [
+            f"- merge-hooks, merge + ONNX export + ONNX Runtime check in one run: {fmt_s(ours.wall)} s; the export and check "
+            f"alone take {fmt_s(ours.wall - plain.wall)} s (the difference to writing safetensors only).",
+            f"- LM_Cocktail + optimum, two runs: {fmt_s(reference)} s (optimum's export alone {fmt_s(export.wall)} s); "
+            f"ratio {reference / ours.wall:.2f}x in merge-hooks' favour" if reference > ours.wall else
+            f"- LM_Cocktail + optimum, two runs: {fmt_s(reference)} s (optimum's export alone {fmt_s(export.wall)} s); "
+            f"merge-hooks takes {ours.wall / reference:.2f}x as long",
+            f"- peak RSS: merge-hooks {fmt_mb(ours.peak)} MB, LM_Cocktail + optimum {fmt_mb(max(mix.peak, export.peak))} MB "
+            f"(the larger of its two processes).",
+        ]
+    else:
+        lines.append("- a run failed; see the logs under the work folder")
+    return "\n".join(lines + ["", ONNX_END, ""])
+
+
+def write_onnx_section(results: Path, section: str) -> None:
+    """Put the ONNX section into ``results``, replacing the previous one (the other sections stay as they are)."""
+    text = results.read_text() if results.is_file() else ""
+    if ONNX_BEGIN in text and ONNX_END in text:
+        before, rest = text.split(ONNX_BEGIN, 1)
+        text = before + section.rstrip("\n") + rest.split(ONNX_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
 
 
 def main() -> None:
@@ -1189,6 +1274,10 @@ def main() -> None:
         kept = previous.split(LORA_MARKER)[0].rstrip()
         args.results.write_text((kept + "\n\n" if kept else "") + section)
         bench.log(f"wrote the LoRA rows to {args.results}")
+        return
+    if args.onnx:
+        write_onnx_section(args.results, render_onnx(run_onnx(bench), versions, command))
+        bench.log(f"wrote the ONNX section of {args.results}")
         return
 
     bert3 = ensure_models(args.python, bench.workdir, "bert-base", 3)

@@ -41,6 +41,7 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", metavar="SIZE", help="split weights into shards of at most SIZE (e.g. 5GB, 500MB)")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (keep = the first model's)")
     parser.add_argument("--gguf-type", metavar="TYPE", help="GGUF tensor type: f32, f16, bf16 or q8_0 (with --save-format gguf)")
+    parser.add_argument("--onnx-quantize", metavar="MODE", help="with the onnx format: also write ONNX Runtime's dynamic int8 model (qint8)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier merge-hooks output (only once the new one is complete)")
     parser.add_argument("--force", action="store_true",
@@ -129,6 +130,7 @@ def _recipe_from_args(args: argparse.Namespace):
         "output.max_shard_size": args.max_shard_size,
         "output.dtype": args.dtype,
         "output.gguf_type": args.gguf_type,
+        "output.onnx_quantize": args.onnx_quantize,
     }
     if args.models or args.weights:
         models = args.models or []
@@ -196,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
             force=args.force,
             quiet=args.quiet,
             **({"gguf_type": args.gguf_type} if args.gguf_type else {}),
+            **({"onnx_quantize": args.onnx_quantize} if args.onnx_quantize else {}),
         )
         if not args.quiet:
             print(_summary(result, verb="wrote"))

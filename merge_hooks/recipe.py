@@ -84,6 +84,8 @@ class OutputOptions(_Strict):
     save_format: Union[str, list[str]] = "safetensors"
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE
     dtype: DType = "keep"
+    #: ONNX Runtime's dynamic int8 variant beside onnx/model.onnx (format ``onnx`` only).
+    onnx_quantize: Optional[Literal["qint8"]] = None
     #: GGUF tensor type (f32, f16, bf16, q8_0); default f16, or bf16 for bfloat16 weights.
     gguf_type: Optional[str] = None
 
@@ -132,6 +134,12 @@ class OutputOptions(_Strict):
         from .formats import format_names
 
         return format_names(self.save_format)
+
+    @model_validator(mode="after")
+    def _onnx_options_need_onnx(self) -> "OutputOptions":
+        if self.onnx_quantize is not None and "onnx" not in self.formats:
+            raise ValueError(f"onnx_quantize needs the onnx format; add onnx to save_format (e.g. [{self.formats[0]}, onnx])")
+        return self
 
     @field_validator("max_shard_size")
     @classmethod

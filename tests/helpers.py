@@ -60,7 +60,7 @@ def assert_same_tensors(actual: dict, expected: dict) -> None:
 
 
 def merge(paths, model_type, output, *, weights=None, overwrite=False, **options):
-    output_keys = {k: options.pop(k) for k in ("save_format", "max_shard_size", "dtype") if k in options}
+    output_keys = {k: options.pop(k) for k in ("save_format", "max_shard_size", "dtype", "onnx_quantize") if k in options}
     recipe = recipe_from_dict({
         "model_type": model_type,
         "models": [{"path": str(p), "weight": w} for p, w in zip(paths, weights or WEIGHTS3)],

@@ -211,7 +211,7 @@ def test_different_tensor_names(make_models, tmp_path, capsys):
 def test_unknown_save_format_lists_known(encoders, tmp_path, capsys):
     err = _bad(tmp_path, capsys, "merge", "--model-type", "encoder", "--models", *encoders,
                "--weights", "0.5", "0.5", "-o", tmp_path / "merged", "--save-format", "npz")
-    assert "unknown save format 'npz'" in err and "bin, both, gguf" in err and "safetensors" in err
+    assert "unknown save format 'npz'" in err and "bin, both, gguf, onnx, safetensors" in err
 
 
 def test_output_exists_and_is_not_empty(encoders, tmp_path, capsys):
