@@ -169,7 +169,7 @@ def save(
 
     from . import dtypes
     from .engines.cocktail import model_source
-    from .formats import WriteOptions, get_format
+    from .formats import WriteOptions, expand_formats, finish_formats, write_formats
     from .pipeline import folder_listing
     from .preflight import check_disk_space, check_output
     from .progress import byte_progress
@@ -186,16 +186,21 @@ def save(
         options = OutputOptions(path=Path(path), save_format=save_format, max_shard_size=max_shard_size, dtype=dtype)
     except ValueError as exc:
         raise MergeHooksError(str(exc)) from None
-    fmt = get_format(save_format)
+    formats = expand_formats(options.formats)
     target = check_output(options.path, overwrite=overwrite)
     out_dtype = dtypes.of(model.dtype if dtype == "keep" else dtype)
     tensors = model_source(model, dtype=out_dtype)
-    check_disk_space(target.parent, tensors.total_bytes * fmt.size_factor)
+    check_disk_space(target.parent, tensors.total_bytes * sum(fmt.size_factor for fmt in formats))
     source_dir = Path(source) if source is not None else None
+    config = model.config.to_dict()
     with staged_output(target) as staging:
-        with byte_progress(tensors.total_bytes * fmt.size_factor, "writing", quiet=quiet) as advance:
-            fmt.write(tensors, staging, WriteOptions(options.max_shard_bytes, progress=advance))
-        config = model.config.to_dict()
+        writing = sum(fmt.size_factor for fmt in formats if fmt.write is not None)
+        with byte_progress(tensors.total_bytes * writing, "writing", quiet=quiet) as advance:
+            write_options = WriteOptions(
+                options.max_shard_bytes, progress=advance, formats=tuple(fmt.name for fmt in formats),
+                model_dir=source_dir, config=config, model_type=model_type, output_name=target.name, output=options,
+            )
+            write_formats(tensors, staging, formats, write_options)
         dtype_name = out_dtype.name
         for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
             config[key] = dtype_name
@@ -215,4 +220,5 @@ def save(
                 hidden_size=int(config.get("hidden_size", 0)),
                 max_seq_length=max_seq_length(source_dir, config) if source_dir else int(config.get("max_position_embeddings", 512)),
             )
+        finish_formats(staging, formats, write_options)
     return folder_listing(target)

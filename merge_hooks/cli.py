@@ -24,7 +24,8 @@ DTYPES = ("keep", "float32", "float16", "bfloat16")
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--save-format", metavar="FMT", help="output format: safetensors, bin, both (see 'merge-hooks formats')")
+    parser.add_argument("--save-format", metavar="FMT",
+                        help="output format(s): safetensors, bin, both, or several as FMT1,FMT2 (see 'merge-hooks formats')")
     parser.add_argument("--max-shard-size", metavar="SIZE", help="split weights into shards of at most SIZE (e.g. 5GB, 500MB)")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (keep = the first model's)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (only once the new one is complete)")

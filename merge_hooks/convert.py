@@ -6,20 +6,29 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
+
+from pydantic import ValidationError
 
 from .card import INFO_NAME, MANIFEST_NAME, hash_files, write_manifest
 from .checkpoint import Checkpoint, is_weight_file
 from .engines import output_dtype, written_dtype
 from .errors import MergeHooksError
-from .formats import WriteOptions, get_format
+from .formats import (
+    PreflightContext,
+    WriteOptions,
+    expand_formats,
+    finish_formats,
+    preflight_formats,
+    write_formats,
+)
 from .pipeline import MergeResult, folder_listing
 from .preflight import check_disk_space, check_output, read_config, resolve_model_path
 from .progress import byte_progress
 from .sidecar import write_config
 from .staging import staged_output
 from .tensors import TensorSource, TensorSpec
-from .units import parse_size
+from .recipe import OutputOptions, describe_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -44,37 +53,48 @@ def convert(
     src: Union[str, Path],
     dst: Union[str, Path],
     *,
-    save_format: str,
+    save_format: Union[str, list[str]],
     max_shard_size: Union[int, str] = "5GB",
     dtype: str = "keep",
     overwrite: bool = False,
     quiet: bool = False,
+    **format_options: Any,
 ) -> MergeResult:
     """Write the model in ``src`` to ``dst`` in ``save_format``, with every non-weight file copied along.
+
+    ``format_options`` are the formats' own output options (``gguf_type="q8_0"``), as in a recipe's ``output``.
 
     Example:
         >>> convert("merged-safetensors", "merged-bin", save_format="bin")
     """
-    fmt = get_format(save_format)
-    try:
-        shard_bytes = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise MergeHooksError(f"max_shard_size: {exc}") from None
     if dtype not in ("keep", "float32", "float16", "bfloat16"):
         raise MergeHooksError(f"unknown dtype {dtype!r}; use keep, float32, float16 or bfloat16")
+    try:
+        output = OutputOptions(path=Path(dst), save_format=save_format, max_shard_size=max_shard_size, dtype=dtype,
+                               **format_options)
+    except ValidationError as exc:
+        raise MergeHooksError(describe_validation_error(exc, "convert")) from None
+    formats = expand_formats(output.formats)
+    format_names = tuple(fmt.name for fmt in formats)
+    shard_bytes = output.max_shard_bytes
     source_dir = resolve_model_path(str(src))
-    read_config(source_dir, str(src))
+    config = read_config(source_dir, str(src))
     target = check_output(Path(dst), overwrite=overwrite, inputs=(source_dir,))
+    preflight_formats(formats, PreflightContext(model_dir=source_dir, config=config, model_type=None, output=output,
+                                                formats=format_names))
     with Checkpoint(source_dir) as checkpoint:
         out = output_dtype(dtype, checkpoint.dtype)
         specs = [TensorSpec(s.name, written_dtype(s.dtype, out), s.shape) for s in checkpoint.specs.values()]
         out_dtypes = {s.name: s.dtype for s in specs}
         tensors = TensorSource(specs=specs, get=lambda name: checkpoint.get(name).to(out_dtypes[name].torch))
-        check_disk_space(target.parent, tensors.total_bytes * fmt.size_factor)
+        check_disk_space(target.parent, tensors.total_bytes * sum(fmt.size_factor for fmt in formats))
         with staged_output(target) as staging:
             digests: dict[Path, str] = {}
-            with byte_progress(tensors.total_bytes * fmt.size_factor, "converting", quiet=quiet) as advance:
-                written = fmt.write(tensors, staging, WriteOptions(shard_bytes, progress=advance, digests=digests))
+            writing = sum(fmt.size_factor for fmt in formats if fmt.write is not None)
+            with byte_progress(tensors.total_bytes * writing, "converting", quiet=quiet) as advance:
+                options = WriteOptions(shard_bytes, progress=advance, digests=digests, formats=format_names,
+                                       model_dir=source_dir, config=config, output_name=target.name, output=output)
+                written = write_formats(tensors, staging, formats, options)
             for entry in source_dir.iterdir():
                 if entry.name == "config.json" or is_weight_file(entry.name):
                     continue
@@ -84,7 +104,10 @@ def convert(
                     shutil.copy2(entry, staging / entry.name)
             dtype_name = out.name if out is not None else None
             write_config(source_dir, staging, dtype_name=dtype_name)
-            _refresh_provenance(staging, save_format=fmt.name, dtype_name=dtype_name, written=written, digests=digests)
+            written += finish_formats(staging, formats, options)
+            written = [path for path in written if path.is_file()]
+            _refresh_provenance(staging, save_format=",".join(format_names), dtype_name=dtype_name, written=written,
+                                digests=digests)
     files = folder_listing(target)
-    return MergeResult(output=target, files=files, weights=[], engine="convert", save_format=fmt.name,
+    return MergeResult(output=target, files=files, weights=[], engine="convert", save_format=",".join(format_names),
                        dtype=dtype_name)

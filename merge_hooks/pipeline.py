@@ -16,7 +16,14 @@ from .adapters import adapter_folders, adapter_provenance, adapter_requests, wri
 from .card import MergeInfo, hash_files, write_manifest, write_provenance
 from .engines import EngineResult, output_dtype, written_dtype
 from .errors import MergeHooksError
-from .formats import WriteOptions, get_format
+from .formats import (
+    PreflightContext,
+    WriteOptions,
+    expand_formats,
+    finish_formats,
+    preflight_formats,
+    write_formats,
+)
 from .heads import heads_present, merge_heads, write_heads
 from .preflight import InputModel, check_disk_space, check_output, load_inputs
 from .progress import byte_progress, loader_progress_bars
@@ -163,18 +170,23 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
         >>> result.files
         [('config.json', 712), ('pytorch_model.bin', 438012345), ...]
     """
-    fmt = get_format(recipe.output.save_format)
+    formats = expand_formats(recipe.output.formats)
+    format_names = tuple(fmt.name for fmt in formats)
     target = check_output(recipe.output.path, overwrite=overwrite)
     models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, adapters=adapter_requests(recipe))
     try:
         check_output(target, overwrite=overwrite, inputs=(*[m.path for m in models], *adapter_folders(models)))
+        first = models[0]
+        preflight_formats(formats, PreflightContext(model_dir=first.path, config=first.config,
+                                                    model_type=recipe.model_type, output=recipe.output,
+                                                    formats=format_names))
         examples = None
         if recipe.method == "mix_models_with_data":
             examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)
-        first = models[0]
         dtype = output_dtype(recipe.output.dtype, first.checkpoint.dtype)
         estimate = sum(s.numel * written_dtype(s.dtype, dtype).itemsize for s in first.checkpoint.specs.values())
-        check_disk_space(target.parent, estimate * fmt.size_factor + SIDECAR_ALLOWANCE)
+        size_factor = sum(fmt.size_factor for fmt in formats)
+        check_disk_space(target.parent, estimate * size_factor + SIDECAR_ALLOWANCE)
         m3_heads = bool(heads_present(first.path))  # preflight made sure every model has them, or none
 
         engine = choose_engine(recipe, models)
@@ -182,7 +194,8 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
         # Only LM_Cocktail and the example scoring load models through transformers.
         loads_models = engine == "cocktail" or examples is not None
         with loader_progress_bars(enabled=not (quiet and loads_models)):
-            result = _merge(recipe, models, engine, examples, dtype, arrays=fmt.takes_arrays)
+            arrays = all(fmt.takes_arrays for fmt in formats if fmt.write is not None)
+            result = _merge(recipe, models, engine, examples, dtype, arrays=arrays)
         try:
             # LM_Cocktail never merges bge-m3's heads, whichever engine ran.
             heads = merge_heads([m.path for m in models], result.weights, dtype=result.dtype) if m3_heads else None
@@ -192,17 +205,22 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
                 engine=result.engine,
                 models=[m.spec for m in models],
                 weights=list(result.weights),
-                save_format=fmt.name,
+                save_format=",".join(format_names),
                 dtype=_dtype_name(result.dtype),
                 m3_heads=m3_heads,
                 adapters=adapter_provenance(models),
             )
             with staged_output(target) as staging:
                 digests: dict[Path, str] = {}
-                with byte_progress(result.source.total_bytes * fmt.size_factor, "writing", quiet=quiet) as advance:
-                    options = WriteOptions(recipe.output.max_shard_bytes, progress=advance, digests=digests)
-                    written = fmt.write(result.source, staging, options)
-                # Files the format did not hash while writing them are hashed now, while still in the page cache.
+                writing = sum(fmt.size_factor for fmt in formats if fmt.write is not None)
+                with byte_progress(result.source.total_bytes * writing, "writing", quiet=quiet) as advance:
+                    options = WriteOptions(
+                        recipe.output.max_shard_bytes, progress=advance, digests=digests, formats=format_names,
+                        model_dir=first.path, config=first.config, model_type=recipe.model_type,
+                        output_name=target.name, output=recipe.output,
+                    )
+                    written = write_formats(result.source, staging, formats, options)
+                # Files the formats did not hash while writing them are hashed now, while still in the page cache.
                 hashed = hash_files(written, root=staging, known=digests)
                 write_sidecars(
                     first.path,
@@ -215,6 +233,9 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
                 write_adapter_sidecars(first.checkpoint, staging)
                 if heads is not None:
                     write_heads(staging, heads)
+                finished = finish_formats(staging, formats, options)
+                hashed = {name: d for name, d in hashed.items() if (staging / name).is_file()}
+                hashed.update(hash_files(finished, root=staging))
                 write_provenance(staging, info, recipe, location=str(target))
                 write_manifest(staging, hashed=hashed)
                 if verify:
@@ -230,7 +251,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
         files=files,
         weights=result.weights,
         engine=result.engine,
-        save_format=fmt.name,
+        save_format=",".join(format_names),
         dtype=_dtype_name(result.dtype),
         model=result.model,
     )

@@ -77,18 +77,32 @@ class OutputOptions(_Strict):
     """Where and how the merged model is written."""
 
     path: Optional[Path] = None
-    save_format: str = "safetensors"
+    #: One format name, several as a list or a comma-separated string (``safetensors,gguf``).
+    save_format: Union[str, list[str]] = "safetensors"
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE
     dtype: DType = "keep"
 
     @field_validator("save_format")
     @classmethod
-    def _known_format(cls, value: str) -> str:
-        from .formats import available_formats
+    def _known_formats(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
+        from .formats import format_names
 
-        if value not in available_formats():
-            raise ValueError(f"unknown save format {value!r}; known formats: {', '.join(sorted(available_formats()))}")
+        try:
+            format_names(value)
+        except MergeHooksError as exc:
+            raise ValueError(str(exc)) from None
+        if isinstance(value, str) and "," in value:
+            value = [name.strip() for name in value.split(",")]
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
         return value
+
+    @property
+    def formats(self) -> list[str]:
+        """The format names to write, aliases (``both``) expanded, in order."""
+        from .formats import format_names
+
+        return format_names(self.save_format)
 
     @field_validator("max_shard_size")
     @classmethod
@@ -174,7 +188,8 @@ def model_entry_from_arg(spec: str) -> dict[str, Any]:
     return {"path": base, "adapter": adapters[0] if len(adapters) == 1 else adapters}
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    """pydantic's errors as one readable line: ``source: key: problem; ...``."""
     problems = []
     for err in error.errors():
         where = ".".join(str(part) for part in err["loc"])
@@ -193,7 +208,7 @@ def recipe_from_dict(data: Any, *, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        raise MergeHooksError(_describe(error, source)) from None
+        raise MergeHooksError(describe_validation_error(error, source)) from None
 
 
 def load_recipe(path: Union[str, Path], *, overrides: Optional[dict[str, Any]] = None) -> Recipe:

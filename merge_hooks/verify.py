@@ -92,10 +92,15 @@ def verify_folder(
     report = VerifyReport(folder)
     config = _check_config(folder, report)
     _check_manifest(folder, report, hashes=hashes)
-    weights_ok = _check_weights(folder, report)
+    formats_found = _check_formats(folder, report)
+    weights_ok = _check_weights(folder, report, required=not formats_found)
     heads_ok = _check_heads(folder, config, report)
     if loaders:
-        if not (weights_ok and config is not None):
+        if formats_found and not _has_torch_weights(folder):
+            report.notes.append(
+                f"transformers loaders not tried: the folder holds {', '.join(formats_found)} weights only"
+            )
+        elif not (weights_ok and config is not None):
             report.notes.append("loaders not tried: the weights or config.json are broken")
         else:
             with loader_progress_bars(enabled=False):
@@ -251,8 +256,33 @@ def _read_layout(
     return specs
 
 
-def _check_weights(folder: Path, report: VerifyReport) -> bool:
-    """Check each weight layout present; True when every one is complete and readable."""
+def _check_formats(folder: Path, report: VerifyReport) -> list[str]:
+    """Run the checks of formats that bring their own (GGUF, ONNX, ...); return the names of those found."""
+    from .formats import available_formats
+
+    found = []
+    for name, fmt in sorted(available_formats().items()):
+        if fmt.check is None:
+            continue
+        result = fmt.check(folder)
+        if result is None:
+            continue
+        found.append(name)
+        report.passed += [f"{name}: {line}" for line in result.passed]
+        report.problems += [f"{name}: {line}" for line in result.problems]
+    return found
+
+
+def _has_torch_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() or (folder / f"{name}.index.json").is_file()
+               for name in (SAFETENSORS_NAME, BIN_NAME))
+
+
+def _check_weights(folder: Path, report: VerifyReport, *, required: bool = True) -> bool:
+    """Check each weight layout present; True when every one is complete and readable.
+
+    Without ``required`` (the folder holds another format's weights), no torch weights is no problem.
+    """
     before = len(report.problems)
     layouts = {}
     for weights_name in (SAFETENSORS_NAME, BIN_NAME):
@@ -260,6 +290,8 @@ def _check_weights(folder: Path, report: VerifyReport) -> bool:
         if files is not None:
             layouts[weights_name] = files
     if not layouts:
+        if not required:
+            return False
         if len(report.problems) == before:
             report.problems.append(f"no weights found (looked for {SAFETENSORS_NAME} and {BIN_NAME}, single or sharded)")
         return False
