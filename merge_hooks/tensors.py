@@ -47,7 +47,7 @@ class TensorSpec:
 
 # Bytes of float32 work per row block (see :meth:`TensorSource.blocks`): large enough that per-block
 # Python overhead vanishes, small enough that a merge's buffers stay far below 160 MB.
-BLOCK_BYTES = 16 * 2**20
+BLOCK_BYTES = 8 * 2**20
 
 RowRange = Optional[tuple[int, int]]
 
