@@ -1126,7 +1126,10 @@ def main() -> None:
     if bench.code_after != bench.code_before:
         bench.log(f"warning: merge_hooks changed during the run ({bench.code_before} -> {bench.code_after})")
     print_summary(bench)
-    args.results.write_text(render(bench, versions, command))
+    # The LoRA rows (run.py --lora) are a section of their own: kept as they are.
+    previous = args.results.read_text() if args.results.is_file() else ""
+    lora = previous[previous.index(LORA_MARKER):] if LORA_MARKER in previous else ""
+    args.results.write_text(render(bench, versions, command) + ("\n" + lora if lora else ""))
     bench.log(f"wrote {args.results}")
 
 
