@@ -50,8 +50,9 @@ PEFT_PREFIX = "base_model.model."
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 LM_HEAD = "lm_head.weight"
 
-# init_lora_weights values that leave the base weights as they are (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA
-# rewrite the base during initialisation, so the saved adapter only makes sense with that rewritten base).
+# init_lora_weights values that leave the base weights as they are and merge as plain LoRA (PiSSA, OLoRA,
+# CorDA and LoftQ rewrite the base during initialisation, so the saved adapter only fits that rewritten base;
+# MiCA is a variant with its own layer class).
 _BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal")
 # LoraConfig fields whose presence means a variant merge-hooks does not reproduce.
 _UNSUPPORTED_FIELDS = {
@@ -165,10 +166,14 @@ class Adapter:
 
     def describe(self) -> dict:
         """Provenance: which adapter, its ranks and scalings, as recorded in merge_info.json and the card."""
+        from .card import sha256_file
+
         scalings = sorted({(m.rank, m.alpha, m.scaling) for m in self.modules.values()})
+        weights = Path(self.reader.path)
         return {
             "adapter": self.spec,
             "folder": str(self.path),
+            "weights": {"file": weights.name, "sha256": sha256_file(weights)},
             "base_model_name_or_path": self.config.get("base_model_name_or_path"),
             "use_rslora": bool(self.config.get("use_rslora")),
             "use_dora": bool(self.config.get("use_dora")),
@@ -274,9 +279,9 @@ def read_adapter_config(folder: Path, spec: str) -> dict:
     init = config.get("init_lora_weights", True)
     if init not in _BASE_PRESERVING_INITS:
         raise MergeHooksError(
-            f"adapter {spec!r} was initialised with init_lora_weights={init!r}, which rewrites the base weights "
-            "(PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): convert it to a plain LoRA with peft first "
-            "(path_initial_model_for_weight_conversion in save_pretrained)"
+            f"adapter {spec!r} was initialised with init_lora_weights={init!r}: PiSSA, OLoRA, CorDA and LoftQ "
+            "rewrite the base weights (convert the adapter to a plain LoRA with peft's save_pretrained("
+            "path_initial_model_for_weight_conversion=...) first), MiCA is a variant merge-hooks does not merge"
         )
     for key, what in _UNSUPPORTED_FIELDS.items():
         if config.get(key) not in (None, False, {}, []):
@@ -404,7 +409,9 @@ def _plan(spec: str, path: Path, config: dict, reader: Any, base: Checkpoint, *,
         if "bias" in module.tensors:
             bias = target.removesuffix(".weight") + ".bias"
             if bias not in base_names:
-                raise MergeHooksError(f"adapter {spec!r} trains a bias for {module.module!r}, which has none in {base_spec!r}")
+                raise MergeHooksError(
+                    f"adapter {spec!r} trains a bias for {module.module!r}, which has none in {base_spec!r}"
+                )
             adapter.biases[bias] = module
 
     adapter.embedding_file = _embedding_file(Path(spec).expanduser(), path)
@@ -425,12 +432,9 @@ def check_shapes(adapter: Adapter, specs: dict[str, TensorSpec], *, base_spec: s
             raise MergeHooksError(f"{where}: rank mismatch between lora_A {list(a)} and lora_B {list(b)}")
         if a[0] != module.rank:
             raise MergeHooksError(f"{where}: lora_A has rank {a[0]}, its config says r={module.rank}")
-        if module.embedding:
-            expected = (a[1], b[0])
-        elif adapter.fan_in_fan_out:
-            expected = (a[1], b[0])
-        else:
-            expected = (b[0], a[1])
+        # B @ A is (out, in); embeddings and fan_in_fan_out (Conv1D) weights store its transpose.
+        transposed = module.embedding or adapter.fan_in_fan_out
+        expected = (a[1], b[0]) if transposed else (b[0], a[1])
         if tuple(shape) != expected:
             raise MergeHooksError(
                 f"{where}: shape mismatch, the adapter makes {list(expected)} but {target!r} of {base_spec!r} is "
@@ -438,7 +442,7 @@ def check_shapes(adapter: Adapter, specs: dict[str, TensorSpec], *, base_spec: s
             )
         if "magnitude" in module.tensors:
             size = reader_specs[module.tensors["magnitude"]].shape
-            if size != (expected[1] if module.embedding or adapter.fan_in_fan_out else expected[0],):
+            if size != (b[0],):
                 raise MergeHooksError(f"{where}: DoRA magnitude of shape {list(size)} does not fit {list(shape)}")
     for target, key in adapter.replaced.items():
         if reader_specs[key].shape != specs[target].shape:
@@ -513,36 +517,36 @@ class AdaptedCheckpoint:
         self.folder = base.folder
         self.adapters = adapters
         self.load_dtype = load_dtype
-        self.embedding: Optional[tuple[str, Path]] = None
-        self._embedding_weight: Optional["torch.Tensor"] = None
+        self.embedding_name: Optional[str] = None
         self._whole: Optional[tuple[str, "torch.Tensor"]] = None
         self.resized_vocab: Optional[int] = None
-        specs = {
-            name: TensorSpec(name, self._dtype(spec.dtype), spec.shape) for name, spec in base.specs.items()
-        }
-        resize = next((a.embedding_file for a in reversed(adapters) if a.embedding_file is not None), None)
-        if resize is not None:
-            name = embedding_name(list(specs))
-            if name is None:
-                raise MergeHooksError(f"{resize} resizes the input embedding, but {base.folder} has no embedding tensor")
-            weight = read_embedding(resize)
-            old = specs[name].shape
-            if weight.ndim != 2 or weight.shape[1] != old[1]:
-                raise MergeHooksError(
-                    f"{resize} holds an embedding of shape {list(weight.shape)}; the base's {name!r} is {list(old)}"
-                )
-            self.embedding = (name, resize)
-            self.resized_vocab = int(weight.shape[0])
-            specs[name] = TensorSpec(name, specs[name].dtype, tuple(weight.shape))
-            if LM_HEAD in specs and specs[LM_HEAD].shape[0] != weight.shape[0]:
-                logger.warning(
-                    "%s resizes the vocabulary to %d tokens; the untied %s gets zero rows for the new ones "
-                    "(embedders do not use it)", resize, weight.shape[0], LM_HEAD,
-                )
-                specs[LM_HEAD] = TensorSpec(LM_HEAD, specs[LM_HEAD].dtype, tuple(weight.shape))
-        self.specs = specs
+        specs = {name: TensorSpec(name, self._dtype(spec.dtype), spec.shape) for name, spec in base.specs.items()}
         for adapter in adapters:
+            # As FlagEmbedding does: each adapter's emb.pth becomes the input embedding before that adapter merges.
+            if adapter.embedding_file is not None:
+                self._resize(specs, adapter.embedding_file)
             check_shapes(adapter, specs, base_spec=str(base.folder))
+        if self.resized_vocab is not None and LM_HEAD in specs and specs[LM_HEAD].shape[0] != self.resized_vocab:
+            logger.warning(
+                "the vocabulary grows to %d tokens; the untied %s gets zero rows for the new ones (embedders do not "
+                "use it)", self.resized_vocab, LM_HEAD,
+            )
+            specs[LM_HEAD] = TensorSpec(LM_HEAD, specs[LM_HEAD].dtype, (self.resized_vocab, *specs[LM_HEAD].shape[1:]))
+        self.specs = specs
+
+    def _resize(self, specs: dict[str, TensorSpec], path: Path) -> None:
+        name = embedding_name(list(specs))
+        if name is None:
+            raise MergeHooksError(f"{path} resizes the input embedding, but {self.base.folder} has no embedding tensor")
+        weight = read_embedding(path)
+        old = specs[name].shape
+        if weight.ndim != 2 or weight.shape[1] != old[1]:
+            raise MergeHooksError(
+                f"{path} holds an embedding of shape {list(weight.shape)}; the base's {name!r} is {list(old)}"
+            )
+        self.embedding_name = name
+        self.resized_vocab = int(weight.shape[0])
+        specs[name] = TensorSpec(name, specs[name].dtype, tuple(weight.shape))
 
     def _dtype(self, stored: DType) -> DType:
         return self.load_dtype if (self.load_dtype is not None and stored.is_floating_point) else stored
@@ -553,20 +557,19 @@ class AdaptedCheckpoint:
         """Tensor ``name`` (or its ``rows=(start, stop)``) of the base with every adapter merged, in
         ``specs[name].dtype``."""
         spec = self.specs[name]
-        if rows is not None and any(adapter.needs_whole(name) for adapter in self.adapters):
-            # Merged whole once, and kept while its blocks are asked for.
+        # DoRA norms across rows, and an emb.pth (one pickle, read whole) replacing the embedding: merged whole
+        # once, and kept while its blocks are asked for.
+        if rows is not None and (name == self.embedding_name or any(a.needs_whole(name) for a in self.adapters)):
             if self._whole is None or self._whole[0] != name:
                 self._whole = None
                 self._whole = (name, self.get(name))
             tensor = self._whole[1][rows[0]:rows[1]]
             return tensor.clone() if out is None else out.copy_(tensor)
         self._whole = None
-        if self.embedding is not None and name == self.embedding[0]:
-            tensor = _row_block(self._resized_embedding(), rows).to(spec.dtype.torch, copy=True)
-        else:
-            self._embedding_weight = None
-            tensor = self._base_rows(name, rows)
+        tensor = self._base_rows(name, rows)
         for adapter in self.adapters:
+            if name == self.embedding_name and adapter.embedding_file is not None:
+                tensor = read_embedding(adapter.embedding_file).to(spec.dtype.torch)
             tensor = adapter.apply(name, tensor, rows=rows)
         if out is None:
             return tensor
@@ -577,19 +580,13 @@ class AdaptedCheckpoint:
 
         spec = self.specs[name]
         base_rows = self.base.specs[name].shape[0] if spec.shape else None
-        if base_rows is None or spec.shape[0] == base_rows:
+        if name != LM_HEAD or base_rows is None or spec.shape[0] == base_rows:
             return self.base.get(name, rows=rows).to(spec.dtype.torch)
         # The untied lm_head of a resized vocabulary: zero rows for the added tokens.
         start, stop = rows or (0, spec.shape[0])
         tensor = self.base.get(name, rows=(min(start, base_rows), min(stop, base_rows))).to(spec.dtype.torch)
         pad = torch.zeros((stop - start - tensor.shape[0], *spec.shape[1:]), dtype=tensor.dtype)
         return torch.cat([tensor, pad])
-
-    def _resized_embedding(self) -> "torch.Tensor":
-        # Read once and kept while its row blocks are merged (emb.pth is one pickle, read whole).
-        if self._embedding_weight is None:
-            self._embedding_weight = read_embedding(self.embedding[1])
-        return self._embedding_weight
 
     def get_array(self, name: str, *, out=None):
         raise TypeError(f"{self.folder} is merged with adapters, which is computed on torch tensors only")
@@ -699,6 +696,23 @@ class AdapterRequest:
         )
 
 
+def check_quantized(config: dict, spec: str) -> None:
+    """Adapters are merged into full-precision bases only (peft dequantizes, merges and quantizes again)."""
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise MergeHooksError(
+            f"model {spec!r} is a {method} quantized model; adapters are merged into unquantized bases only"
+        )
+
+
+def attach_requests(models: list[Any], requests: list[AdapterRequest]) -> None:
+    """Put each model's adapters in front of its checkpoint (``models`` are preflight's ``InputModel``s)."""
+    for model, request in zip(models, requests):
+        if request.folders:
+            check_quantized(model.config, model.spec)
+            model.checkpoint = request.attach(model.checkpoint, base_spec=model.spec)
+
+
 def adapter_requests(recipe: "Recipe") -> Optional[list[AdapterRequest]]:
     """One :class:`AdapterRequest` per model of ``recipe``, or None when no model has an adapter.
 
@@ -710,7 +724,7 @@ def adapter_requests(recipe: "Recipe") -> Optional[list[AdapterRequest]]:
     if not any(m.adapters for m in recipe.models):
         return None
     load_dtype = None if recipe.output.dtype == "keep" else dtypes.of(recipe.output.dtype)
-    return [AdapterRequest(tuple(m.adapters), m.allow_base_mismatch, load_dtype) for m in recipe.models]
+    return [AdapterRequest(tuple(m.adapters), bool(m.allow_base_mismatch), load_dtype) for m in recipe.models]
 
 
 def adapted_names(models: list[Any], names: dict[str, str], *, per_model: int = 4) -> list[str]:

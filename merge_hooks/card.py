@@ -110,7 +110,8 @@ def front_matter(info: MergeInfo) -> dict:
         "base_model_relation": "merge",
         "library_name": "sentence-transformers" if encoder else "transformers",
         "pipeline_tag": _PIPELINE_TAGS[info.model_type],
-        "tags": ["merge", "lm-cocktail", *(["sentence-transformers"] if encoder else [])],
+        "tags": ["merge", "lm-cocktail", *(["sentence-transformers"] if encoder else []),
+                 *(["lora"] if any(info.adapters) else [])],
     }
 
 

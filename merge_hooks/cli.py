@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("recipe", nargs="?", type=Path, help="YAML merge recipe (see configs/)")
     merge.add_argument("--model-type", choices=("encoder", "reranker", "decoder"))
     merge.add_argument("--method", choices=("mix_models", "mix_models_with_data", "mix_models_by_layers"))
-    merge.add_argument("--models", nargs="+", metavar="PATH", help="model folders or cached hub ids, in order; BASE+ADAPTER merges a LoRA adapter into BASE first")
+    merge.add_argument("--models", nargs="+", metavar="PATH",
+                       help="model folders or cached hub ids, in order; BASE+ADAPTER merges a LoRA adapter into BASE first")
     merge.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per model, summing to 1")
     merge.add_argument("--examples", type=Path, help="JSON lines examples for mix_models_with_data")
     merge.add_argument("-o", "--output", type=Path, help="output folder")

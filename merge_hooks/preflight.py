@@ -75,15 +75,6 @@ def read_config(path: Path, spec: str) -> dict:
         raise MergeHooksError(f"{config_path} is not valid JSON: {exc}") from None
 
 
-def check_quantized(config: dict, spec: str) -> None:
-    """An adapter is merged into full-precision weights only (peft merges into dequantized ones, then re-quantizes)."""
-    if "quantization_config" in config:
-        method = config["quantization_config"].get("quant_method", "quantized")
-        raise MergeHooksError(
-            f"model {spec!r} is a {method} quantized model; adapters are merged into unquantized bases only"
-        )
-
-
 def check_remote_code(models: list[InputModel], *, trust_remote_code: bool) -> None:
     """Custom modelling code runs only when the user opted in (LM_Cocktail always runs it)."""
     if trust_remote_code:
@@ -152,18 +143,18 @@ def load_inputs(
     """Resolve, read and cross-check every input model (tensors and bge-m3 heads); nothing heavy is loaded.
 
     ``adapters`` (one request per model, see :func:`merge_hooks.adapters.adapter_requests`) puts LoRA
-    adapters in front of a model's checkpoint, so that every later check sees the merged tensors.
+    adapters in front of the models' checkpoints, so that every later check sees the merged tensors.
     """
     models = []
+    for spec in specs:
+        path = resolve_model_path(spec)
+        config = read_config(path, spec)
+        models.append(InputModel(spec=spec, path=path, config=config, checkpoint=Checkpoint(path)))
     try:
-        for i, spec in enumerate(specs):
-            path = resolve_model_path(spec)
-            config = read_config(path, spec)
-            checkpoint = Checkpoint(path)
-            models.append(InputModel(spec=spec, path=path, config=config, checkpoint=checkpoint))
-            if adapters and adapters[i].folders:
-                check_quantized(config, spec)
-                models[-1].checkpoint = adapters[i].attach(checkpoint, base_spec=spec)
+        if adapters:
+            from .adapters import attach_requests
+
+            attach_requests(models, adapters)
         check_remote_code(models, trust_remote_code=trust_remote_code)
         check_same_architecture(models)
         check_heads(models)

@@ -49,7 +49,8 @@ class ModelEntry(_Strict):
     path: str = Field(min_length=1)
     weight: Optional[float] = None
     adapter: Optional[Union[str, list[str]]] = None
-    allow_base_mismatch: bool = False
+    # None rather than False, so that recipes without adapters are written back without the key.
+    allow_base_mismatch: Optional[bool] = None
 
     @field_validator("adapter")
     @classmethod

@@ -496,6 +496,7 @@ def _recorded_weights(folder: Path, recipe: "Recipe", report: VerifyReport) -> O
 
 
 def _check_against(folder: Path, recipe: "Recipe", report: VerifyReport) -> None:
+    from .adapters import adapted_names, adapter_requests
     from .engines import output_dtype
     from .engines.stream import stream_merge
     from .heads import merge_heads
@@ -504,8 +505,6 @@ def _check_against(folder: Path, recipe: "Recipe", report: VerifyReport) -> None
     weights = _recorded_weights(folder, recipe, report)
     if weights is None:
         return
-    from .adapters import adapted_names, adapter_requests
-
     models = load_inputs(recipe.model_paths, trust_remote_code=recipe.trust_remote_code, adapters=adapter_requests(recipe))
     result = stream_merge(models, weights, dtype=output_dtype(recipe.output.dtype, models[0].checkpoint.dtype))
     problems = []
@@ -522,7 +521,8 @@ def _check_against(folder: Path, recipe: "Recipe", report: VerifyReport) -> None
             if missing:
                 problems.append(f"tensor {missing[0]!r} of the recipe's merge is missing from the folder")
             sample = sample_names([merged.specs[n] for n in names])
-            sample += [n for n in adapted_names(models, names) if n not in sample]
+            adapted = adapted_names(models, names)
+            sample += [n for n in adapted if n not in sample]
             for name in sample:
                 expected, actual = result.source.get(names[name]), merged.get(name)
                 if not _same_bits(actual, expected):
@@ -533,7 +533,7 @@ def _check_against(folder: Path, recipe: "Recipe", report: VerifyReport) -> None
                         f"tensor {name!r} differs from the recipe's merge ({actual.dtype} {list(actual.shape)} vs "
                         f"{expected.dtype} {list(expected.shape)}{diff})"
                     )
-        compared = f"{len(sample)} sampled tensors" + (" (with the adapter deltas)" if adapted_names(models, names) else "")
+        compared = f"{len(sample)} sampled tensors" + (" (with the adapter deltas)" if adapted else "")
         if heads_present(models[0].path):
             heads = merge_heads([m.path for m in models], weights, dtype=result.dtype)
             for name, expected_head in heads.items():

@@ -7,6 +7,7 @@ randomised so that each delta is non-zero, ``save_pretrained``); the reference i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from helpers import assert_same_bits, leftovers
 from merge_hooks.cli import main
 from merge_hooks.pipeline import run_recipe
-from merge_hooks.recipe import recipe_from_dict
+from merge_hooks.recipe import model_entry_from_arg, recipe_from_dict
 
 ADDED_TOKENS = ["<instruct>", "<query>", "<response>"]
 
@@ -70,22 +71,23 @@ def peft_merged(base: Path, adapters: list[Path], *, dtype: torch.dtype, auto_cl
 
     model = (auto_class or AutoModelForCausalLM).from_pretrained(str(base), dtype=dtype)
     for adapter in adapters:
-        emb = emb or adapter / "embedding" / "emb.pth"
-        if emb.is_file():
+        embedding = emb or adapter / "embedding" / "emb.pth"
+        if embedding.is_file():
             with torch.serialization.safe_globals([torch.nn.Embedding]):
-                model.set_input_embeddings(torch.load(emb, weights_only=True).to(dtype))
+                model.set_input_embeddings(torch.load(embedding, weights_only=True).to(dtype))
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def merge_adapter(base: Path, adapters: list[Path], out: Path, *, dtype: str = "keep", **entry) -> dict:
+def merge_adapter(base: Path, adapters: list[Path], out: Path, *, dtype: str = "keep", verify: bool = False,
+                  **entry) -> dict:
     adapter = [str(a) for a in adapters]
     recipe = recipe_from_dict({
         "model_type": "decoder",
         "models": [{"path": str(base), "adapter": adapter[0] if len(adapter) == 1 else adapter, "weight": 1.0, **entry}],
         "output": {"path": str(out), "dtype": dtype},
     })
-    run_recipe(recipe, quiet=True)
+    run_recipe(recipe, quiet=True, verify=verify)
     return load_file(str(out / "model.safetensors"))
 
 
@@ -191,8 +193,11 @@ def test_adapter_mixed_with_the_base_is_the_weighted_sum(llama, tmp_path):
     assert info["adapters"][0][0]["adapter"] == str(adapter)
     assert info["adapters"][0][0]["scaling"] == [{"r": 4, "lora_alpha": 8, "scaling": 2.0}]
     assert info["adapters"][1] == []
+    weights_sha = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert info["adapters"][0][0]["weights"] == {"file": "adapter_model.safetensors", "sha256": weights_sha}
     card = (out / "README.md").read_text()
     assert f"LoRA adapter `{adapter}` merged into `{llama}`" in card and "scaling=2" in card
+    assert "- lora\n" in card.split("---")[1]  # a tag in the front matter the Hub reads
 
 
 def _embedder_adapter(llama: Path, root: Path) -> Path:
@@ -218,7 +223,7 @@ def test_flagembedding_layout_emb_pth_checkpoint_and_tokenizer(llama, tmp_path):
 
     output_dir = _embedder_adapter(llama, tmp_path)
     out = tmp_path / "merged"
-    merged = merge_adapter(llama, [output_dir], out, dtype="float32")
+    merged = merge_adapter(llama, [output_dir], out, dtype="float32", verify=True)
     reference = peft_merged(llama, [output_dir / "checkpoint-20"], dtype=torch.float32, auto_class=AutoModel,
                             emb=output_dir / "embedding" / "emb.pth")
     emb = reference["embed_tokens.weight"]
@@ -232,6 +237,19 @@ def test_flagembedding_layout_emb_pth_checkpoint_and_tokenizer(llama, tmp_path):
     assert tokenizer.convert_tokens_to_ids("<query>") >= emb.shape[0] - 3
     loaded = AutoModel.from_pretrained(str(out)).state_dict()
     assert torch.equal(loaded["embed_tokens.weight"], emb)
+
+
+def test_each_adapter_brings_its_own_emb_pth(llama, tmp_path):
+    """FlagEmbedding's raw_peft then output_dir: each emb.pth is set before its own adapter is merged."""
+    from transformers import AutoModel
+
+    lora = dict(auto_class=AutoModel, resize=len(ADDED_TOKENS), r=2, lora_alpha=4,
+                target_modules=["embed_tokens", "q_proj"])
+    first = make_adapter(llama, tmp_path / "raw-peft", seed=6, **lora)
+    second = make_adapter(llama, tmp_path / "output-dir", seed=7, **lora)
+    merged = merge_adapter(llama, [first, second], tmp_path / "out", dtype="float32")
+    reference = peft_merged(llama, [first, second], dtype=torch.float32, auto_class=AutoModel)
+    assert_matches_peft(merged, reference, changed=["embed_tokens"])
 
 
 @pytest.mark.stack_a
@@ -296,7 +314,7 @@ def test_bad_adapters_are_one_line_errors(llama, make_models, tmp_path, capsys):
         config = json.loads((good / "adapter_config.json").read_text()) | {"init_lora_weights": init}
         (variant / "adapter_config.json").write_text(json.dumps(config))
         (variant / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
-        assert "rewrites the base weights" in _bad_merge(llama, variant, tmp_path, capsys)
+        assert "rewrite the base weights" in _bad_merge(llama, variant, tmp_path, capsys)
 
     replicated = tmp_path / "replicated"
     replicated.mkdir()
@@ -310,6 +328,12 @@ def test_bad_adapters_are_one_line_errors(llama, make_models, tmp_path, capsys):
     (pickled / "embedding").mkdir()
     torch.save(torch.nn.Linear(2, 2), pickled / "embedding" / "emb.pth")
     assert "only that is accepted" in _bad_merge(llama, pickled, tmp_path, capsys)
+
+    quantized = tmp_path / "quantized"
+    shutil.copytree(llama, quantized)
+    config = json.loads((quantized / "config.json").read_text()) | {"quantization_config": {"quant_method": "bitsandbytes"}}
+    (quantized / "config.json").write_text(json.dumps(config))
+    assert "is a bitsandbytes quantized model" in _bad_merge(quantized, good, tmp_path, capsys)
 
     bert = make_models("bert-encoder", 1)[0]
     assert "targets module 'model.layers.0.self_attn.q_proj', which model" in _bad_merge(bert, good, tmp_path, capsys)
@@ -384,3 +408,6 @@ def test_recipe_rules_for_adapters(llama, tmp_path):
     assert recipe_from_dict(one).models[0].adapters == ["a", "b"]
     with pytest.raises(MergeHooksError, match="adapters are merged by the stream engine"):
         recipe_from_dict(one | {"engine": "cocktail"})
+    with pytest.raises(MergeHooksError, match="no empty parts"):
+        model_entry_from_arg(f"{llama}+")
+    assert model_entry_from_arg(f"{llama}+a+b") == {"path": str(llama), "adapter": ["a", "b"]}
