@@ -6,8 +6,8 @@ exists, so files can be planned (shards, headers) and then filled one tensor at 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from . import dtypes

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 from .. import dtypes
 from ..dtypes import DType
+from ..errors import MergeHooksError
 from ..preflight import InputModel
 from ..tensors import BLOCK_BYTES, RowRange, TensorSource, TensorSpec, row_ranges
 from ..units import parse_size
@@ -41,17 +42,15 @@ def block_bytes() -> int:
     try:
         return parse_size(value)
     except ValueError as exc:
-        from ..errors import MergeHooksError
-
         raise MergeHooksError(f"{BLOCK_SIZE_ENV}={value!r}: {exc}") from None
 
 
 class _Buffers:
-    """Work buffers reused from one tensor to the next.
+    """Work buffers reused from one block to the next.
 
     A fresh large tensor is mapped afresh by the allocator and each of its pages faults in zeroed;
     with N reads and N products per output tensor, that page faulting dominated the merge. Reads and
-    products go into these buffers instead; only the sum handed to the writer is a new tensor.
+    products go into these buffers instead; only the sum handed to the writer is a new block.
     """
 
     def __init__(self, math_: "_TorchMath | _NumpyMath") -> None:
