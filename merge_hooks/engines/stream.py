@@ -318,11 +318,15 @@ def stream_merge(
             if not spec.dtype.is_floating_point:
                 acc = value
             elif acc is None:
-                # The running sum is a new tensor: it is handed on (to writers that may keep it a while).
+                # A running sum already in the output dtype is handed on (to writers that may keep it a while),
+                # so it is a new block; otherwise the cast makes the new block and the sum lives in a reused
+                # buffer (a fresh one per block would fault its pages in anew each time).
+                wide = dtypes.float32 if spec.dtype in dtypes.HALF else spec.dtype
+                into = ops.empty(wide, shape) if out_dtypes[name] is wide else work.get("sum", wide, shape)
                 if spec.dtype in dtypes.HALF:
-                    acc = ops.scale(ops.widen(value, ops.empty(dtypes.float32, shape), spec.dtype), weight)
+                    acc = ops.scale(ops.widen(value, into, spec.dtype), weight)
                 else:
-                    acc = ops.scale_into(value, weight, ops.empty(spec.dtype, shape))
+                    acc = ops.scale_into(value, weight, into)
             else:
                 if spec.dtype in dtypes.HALF:
                     value = ops.widen(value, work.get("term", dtypes.float32, shape), spec.dtype)
