@@ -88,6 +88,7 @@ def merge_lora(
     embedding: bool = False,
     fan_in_fan_out: bool = False,
     magnitude: Optional["torch.Tensor"] = None,
+    rows: Optional[tuple[int, int]] = None,
 ) -> "torch.Tensor":
     """``weight`` with one LoRA module merged, exactly as peft 0.21.2 merges it on CPU.
 
@@ -97,12 +98,26 @@ def merge_lora(
     ``lora_B`` are taken in float32, as ``PeftModel.from_pretrained`` upcasts them (``autocast_adapter_dtype``).
     The result has ``weight``'s dtype; ``weight`` may be modified in place.
 
+    With ``rows=(start, stop)``, ``weight`` is that block of the weight's rows and only their delta is
+    computed (rows of ``B @ A``, or columns where the product is transposed): a product of two or more
+    rows has the bits of the same rows of the whole product. DoRA with a transposed delta (embeddings,
+    ``fan_in_fan_out``) needs norms over all rows and is not computed per block (see :func:`needs_whole`).
+
     Example:
         >>> merged = merge_lora(base["q_proj.weight"], ad["q_proj.lora_A.weight"], ad["q_proj.lora_B.weight"], scaling=2.0)
     """
     import torch
 
     lora_A, lora_B = lora_A.float(), lora_B.float()
+    transposed = embedding or fan_in_fan_out
+    if rows is not None:
+        if magnitude is not None and transposed:
+            raise ValueError("DoRA on an embedding or fan_in_fan_out layer is merged whole, not per block")
+        if transposed:
+            lora_A = lora_A[:, rows[0]:rows[1]]
+        else:
+            lora_B = lora_B[rows[0]:rows[1]]
+            magnitude = None if magnitude is None else magnitude[rows[0]:rows[1]]
     if embedding:
         delta = (lora_B @ lora_A).T * scaling
     else:
@@ -113,7 +128,6 @@ def merge_lora(
         return weight.add_(delta.to(weight.dtype) if embedding else delta)
     # DoRA: rescale each output row (column with fan_in_fan_out, embedding dimension for embeddings) of W + delta
     # to the trained magnitude; the norm is taken of the unmerged weight plus the delta, in float32.
-    transposed = embedding or fan_in_fan_out
     combined = (weight.T if transposed else weight) + (delta.T if transposed else delta)
     weight_norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
     factor = magnitude.float() / weight_norm
@@ -173,12 +187,20 @@ class Adapter:
     def tensor(self, name: str) -> "torch.Tensor":
         return self.reader.get(name)
 
-    def apply(self, name: str, tensor: "torch.Tensor") -> "torch.Tensor":
-        """``tensor`` (base tensor ``name`` in the dtype the base is loaded in) after this adapter."""
+    def needs_whole(self, name: str) -> bool:
+        """Whether base tensor ``name`` must be merged whole: DoRA norms taken across its rows."""
+        module = self.modules.get(name)
+        return (
+            module is not None and "magnitude" in module.tensors
+            and (module.embedding or self.fan_in_fan_out)
+        )
+
+    def apply(self, name: str, tensor: "torch.Tensor", *, rows: Optional[tuple[int, int]] = None) -> "torch.Tensor":
+        """``tensor`` (base tensor ``name``, or its ``rows``, in the dtype the base is loaded in) after this adapter."""
         replacement = self.replaced.get(name)
         if replacement is not None:
             # load_state_dict copies into the loaded module, in its dtype.
-            tensor = self.tensor(replacement).to(tensor.dtype)
+            tensor = _row_block(self.tensor(replacement), rows).to(tensor.dtype)
         module = self.modules.get(name)
         if module is not None:
             tensor = merge_lora(
@@ -189,14 +211,19 @@ class Adapter:
                 embedding=module.embedding,
                 fan_in_fan_out=self.fan_in_fan_out and not module.embedding,
                 magnitude=self.tensor(module.tensors["magnitude"]) if "magnitude" in module.tensors else None,
+                rows=rows,
             )
         module = self.biases.get(name)
         if module is not None:
-            tensor.add_(self.tensor(module.tensors["bias"]).float() * module.scaling)
+            tensor.add_(_row_block(self.tensor(module.tensors["bias"]), rows).float() * module.scaling)
         return tensor
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _row_block(tensor: "torch.Tensor", rows: Optional[tuple[int, int]]) -> "torch.Tensor":
+    return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
 def split_model_spec(spec: str) -> tuple[str, list[str]]:
@@ -490,6 +517,7 @@ class AdaptedCheckpoint:
         self.adapters = adapters
         self.load_dtype = load_dtype
         self.embedding_name: Optional[str] = None
+        self._whole: Optional[tuple[str, "torch.Tensor"]] = None
         self.resized_vocab: Optional[int] = None
         specs = {name: TensorSpec(name, self._dtype(spec.dtype), spec.shape) for name, spec in base.specs.items()}
         for adapter in adapters:
@@ -522,22 +550,42 @@ class AdaptedCheckpoint:
     def _dtype(self, stored: DType) -> DType:
         return self.load_dtype if (self.load_dtype is not None and stored.is_floating_point) else stored
 
-    def get(self, name: str, *, out: Optional["torch.Tensor"] = None) -> "torch.Tensor":
-        """Tensor ``name`` of the base with every adapter merged, in ``specs[name].dtype``."""
-        import torch
-
+    def get(
+        self, name: str, *, out: Optional["torch.Tensor"] = None, rows: Optional[tuple[int, int]] = None
+    ) -> "torch.Tensor":
+        """Tensor ``name`` (or its ``rows=(start, stop)``) of the base with every adapter merged, in
+        ``specs[name].dtype``."""
         spec = self.specs[name]
-        tensor = self.base.get(name).to(spec.dtype.torch)
-        if name == LM_HEAD and tuple(tensor.shape) != spec.shape:  # the untied lm_head of a resized vocabulary
-            pad = torch.zeros((spec.shape[0] - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
-            tensor = torch.cat([tensor, pad])
+        # DoRA norms across rows, and an emb.pth (one pickle, read whole) replacing the embedding: merged whole
+        # once, and kept while its blocks are asked for.
+        if rows is not None and (name == self.embedding_name or any(a.needs_whole(name) for a in self.adapters)):
+            if self._whole is None or self._whole[0] != name:
+                self._whole = None
+                self._whole = (name, self.get(name))
+            tensor = self._whole[1][rows[0]:rows[1]]
+            return tensor.clone() if out is None else out.copy_(tensor)
+        self._whole = None
+        tensor = self._base_rows(name, rows)
         for adapter in self.adapters:
             if name == self.embedding_name and adapter.embedding_file is not None:
                 tensor = read_embedding(adapter.embedding_file).to(spec.dtype.torch)
-            tensor = adapter.apply(name, tensor)
+            tensor = adapter.apply(name, tensor, rows=rows)
         if out is None:
             return tensor
         return out.copy_(tensor)
+
+    def _base_rows(self, name: str, rows: Optional[tuple[int, int]]) -> "torch.Tensor":
+        import torch
+
+        spec = self.specs[name]
+        base_rows = self.base.specs[name].shape[0] if spec.shape else None
+        if name != LM_HEAD or base_rows is None or spec.shape[0] == base_rows:
+            return self.base.get(name, rows=rows).to(spec.dtype.torch)
+        # The untied lm_head of a resized vocabulary: zero rows for the added tokens.
+        start, stop = rows or (0, spec.shape[0])
+        tensor = self.base.get(name, rows=(min(start, base_rows), min(stop, base_rows))).to(spec.dtype.torch)
+        pad = torch.zeros((stop - start - tensor.shape[0], *spec.shape[1:]), dtype=tensor.dtype)
+        return torch.cat([tensor, pad])
 
     def get_array(self, name: str, *, out=None):
         raise TypeError(f"{self.folder} is merged with adapters, which is computed on torch tensors only")

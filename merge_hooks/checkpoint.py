@@ -108,15 +108,19 @@ class Checkpoint:
         if reader is not None:
             reader.close()
 
-    def get(self, name: str, *, out: Optional["torch.Tensor"] = None) -> "torch.Tensor":
-        """The tensor called ``name``, as an owned CPU tensor, or read into the buffer ``out``."""
-        return self._reader(self._file_of[name]).get(name, out=out)
+    def get(
+        self, name: str, *, out: Optional["torch.Tensor"] = None, rows: Optional[tuple[int, int]] = None
+    ) -> "torch.Tensor":
+        """The tensor called ``name`` (or its ``rows=(start, stop)``), as an owned CPU tensor, or read into ``out``."""
+        return self._reader(self._file_of[name]).get(name, out=out, rows=rows)
 
-    def get_array(self, name: str, *, out: Optional["numpy.ndarray"] = None) -> "numpy.ndarray":
-        """The tensor called ``name`` as a numpy array (in its dtype's ``storage``); safetensors only."""
+    def get_array(
+        self, name: str, *, out: Optional["numpy.ndarray"] = None, rows: Optional[tuple[int, int]] = None
+    ) -> "numpy.ndarray":
+        """The tensor called ``name`` (or its ``rows``) as a numpy array (in its dtype's ``storage``); safetensors only."""
         if self.format != "safetensors":
             raise TypeError(f"{self.folder} holds {self.format} weights, which are read as torch tensors only")
-        return self._reader(self._file_of[name]).get_array(name, out=out)
+        return self._reader(self._file_of[name]).get_array(name, out=out, rows=rows)
 
     def __contains__(self, name: str) -> bool:
         return name in self.specs

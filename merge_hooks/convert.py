@@ -114,7 +114,12 @@ def convert(
         out = output_dtype(dtype, checkpoint.dtype)
         specs = [TensorSpec(s.name, written_dtype(s.dtype, out), s.shape) for s in checkpoint.specs.values()]
         out_dtypes = {s.name: s.dtype for s in specs}
-        tensors = TensorSource(specs=specs, get=lambda name: checkpoint.get(name).to(out_dtypes[name].torch))
+        tensors = TensorSource(
+            specs=specs,
+            get=lambda name: checkpoint.get(name).to(out_dtypes[name].torch),
+            # Row blocks, for the formats that write in blocks: memory stays at one block, not one tensor.
+            rows=lambda name, start, stop: checkpoint.get(name, rows=(start, stop)).to(out_dtypes[name].torch),
+        )
         check_disk_space(target.parent, tensors.total_bytes * sum(fmt.size_factor for fmt in formats))
         with staged_output(target, claim=claim) as staging:
             digests: dict[Path, str] = {}

@@ -13,9 +13,13 @@ from typing import Callable, Iterator
 @contextlib.contextmanager
 def byte_progress(total: int, description: str, *, quiet: bool = False) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(nbytes)`` that moves a byte-counting bar; a no-op when ``quiet``."""
+    if quiet:
+        # Without importing tqdm: tqdm.auto pulls in asyncio and ssl, a noticeable part of a small merge's start-up.
+        yield lambda nbytes: None
+        return
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1000, disable=quiet,
+    with tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1000,
               dynamic_ncols=True, leave=False) as bar:
         yield bar.update
 

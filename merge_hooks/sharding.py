@@ -19,22 +19,34 @@ def plan_shards(source: TensorSource, *, weights_name: str, max_shard_size: int)
 
     A single file keeps ``weights_name``; several become ``stem-00001-of-0000N.ext``.
 
+    Written by hand to the rules of huggingface_hub's ``split_state_dict_into_shards_factory`` (the
+    same shards, in the same order; a test compares them), because importing huggingface_hub pulls in
+    its HTTP stack (requests, urllib3), a noticeable part of a small merge's start-up. Tensors fill
+    a shard in order until the next would pass ``max_shard_size``; a tensor larger than that gets a
+    shard of its own, placed before the shard being filled.
+
     Example:
         >>> plan_shards(source, weights_name="pytorch_model.bin", max_shard_size=10**9)
         {'pytorch_model.bin': ['embeddings.word_embeddings.weight', ...]}
     """
-    from huggingface_hub import split_state_dict_into_shards_factory
-
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    for spec in source.specs:
+        if spec.nbytes > max_shard_size:
+            shards.append([spec.name])
+            continue
+        if current_size + spec.nbytes > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(spec.name)
+        current_size += spec.nbytes
+    if current:
+        shards.append(current)
     stem, ext = weights_name.rsplit(".", 1)
-    split = split_state_dict_into_shards_factory(
-        {spec.name: spec for spec in source.specs},
-        get_storage_size=lambda spec: spec.nbytes,
-        # Every output tensor owns its storage (shared ones were removed before), so no two share an id.
-        get_storage_id=lambda spec: None,
-        filename_pattern=f"{stem}{{suffix}}.{ext}",
-        max_shard_size=max_shard_size,
-    )
-    return {name: list(tensors) for name, tensors in split.filename_to_tensors.items()}
+    if len(shards) == 1:
+        return {weights_name: [spec.name for spec in source.specs]}
+    return {f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}": names for i, names in enumerate(shards)}
 
 
 def write_sharded(

@@ -107,8 +107,9 @@ def test_list_of_formats_is_written_in_one_pass(make_models, tmp_path, monkeypat
 
     def counting_merge(*args, **kwargs):
         result = original(*args, **kwargs)
-        get = result.source.get
-        result.source.get = lambda name: computed.append(name) or get(name)
+        get, rows = result.source.get, result.source.rows
+        result.source.get = lambda name: computed.append((name, None)) or get(name)
+        result.source.rows = lambda name, start, stop: computed.append((name, start, stop)) or rows(name, start, stop)
         return result
 
     monkeypatch.setattr(stream, "stream_merge", counting_merge)

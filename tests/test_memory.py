@@ -1,16 +1,15 @@
-"""The stream engine's peak memory follows the largest tensor, not the size of the models.
+"""The stream engine's peak memory follows its row block size, not the size of the models or of their tensors.
 
-Four models of 48 float32 tensors of 2 MiB (96 MiB each, 384 MiB in all) are merged by
-``python -m merge_hooks merge --engine stream`` in a child process. Its peak RSS, minus that of a
-process that only imports what the merge imports, must stay under 3 x 2 MiB + 48 MiB = 54 MiB:
-an engine that held even one whole model (96 MiB) could not fit. A control process that imports
-what a merge imports and then holds one model's tensors shows that the measurement would catch it.
+Four models of 4 float32 tensors of 32 MiB (128 MiB each, 512 MiB in all) are merged by
+``python -m merge_hooks merge --engine stream`` in a child process, in blocks of 1 MiB
+(``MERGE_HOOKS_BLOCK_SIZE``): the largest tensor is 32 times the block. Its peak RSS, minus that of a
+process that only imports what the merge imports, must stay under 56 MiB: an engine that held even
+one whole tensor in each of the sum, the term read and its product (96 MiB), or one whole model
+(128 MiB), could not fit. A control process that imports what a merge imports and then holds one
+model's tensors shows that the measurement would catch it.
 
-Why 2 MiB tensors: glibc serves allocations below its mmap threshold (which grows up to 32 MiB)
-from the heap, and an engine that allocates fresh tensors fragments it: with 8 MiB tensors such an
-engine peaked anywhere from 34 to 87 MiB above the baseline from run to run, which blurs a 96 MiB
-signal. With 2 MiB tensors every run stayed between 10 and 34 MiB, on both stacks, with fresh
-tensors and with reused buffers alike.
+The blocks are small on purpose: glibc serves allocations below its mmap threshold from the heap,
+and blocks of 1 MiB reused from block to block keep its fragmentation far below the margin.
 """
 
 from __future__ import annotations
@@ -28,15 +27,16 @@ from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parent.parent
 N_MODELS = 4
-N_TENSORS = 48
-SHAPE = (512, 1024)
+N_TENSORS = 4
+SHAPE = (8192, 1024)
 TENSOR_BYTES = SHAPE[0] * SHAPE[1] * 4
 MODEL_BYTES = N_TENSORS * TENSOR_BYTES
-# At most three tensors (running sum, tensor read, its weighted copy) plus what the rest of the merge
-# (hashing, model card, sidecars) allocates: 10 to 34 MiB above the baseline in all, as measured.
-BOUND = 3 * TENSOR_BYTES + 48 * 2**20
-WEIGHTS = [0.4, 0.3, 0.2, 0.1]
 MiB = 2**20
+BLOCK = 1 * MiB
+# Two sets of read buffers (one block per model each), the running sum, the term and the block written,
+# plus what the rest of the merge (hashing, model card, sidecars) allocates.
+BOUND = 56 * MiB
+WEIGHTS = [0.4, 0.3, 0.2, 0.1]
 
 # Runs argv (a JSON list) and prints its peak RSS in KiB; exits with its status.
 MEASURE_CODE = """
@@ -60,6 +60,8 @@ CONTROL_IMPORTS = "import merge_hooks.cli, merge_hooks.pipeline, torch, safetens
 HOLD_CODE = CONTROL_IMPORTS + f"held = [torch.ones({SHAPE}) for _ in range({N_TENSORS})]\n"
 
 assert MODEL_BYTES > BOUND + 32 * MiB, "a whole model must overshoot the bound by a clear margin"
+assert 3 * TENSOR_BYTES > BOUND + 32 * MiB, "three copies of the largest tensor must overshoot it too"
+assert TENSOR_BYTES >= 8 * BLOCK, "the largest tensor must be several blocks"
 
 
 def _tensor_value(seed: int, index: int) -> float:
@@ -84,6 +86,7 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["HF_HUB_OFFLINE"] = "1"
+    env["MERGE_HOOKS_BLOCK_SIZE"] = str(BLOCK)
     return env
 
 
@@ -126,7 +129,7 @@ def _expected(name: str) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("save_format", ["safetensors", "bin"])
-def test_stream_merge_memory_follows_the_largest_tensor(big_models, tmp_path, save_format):
+def test_stream_merge_memory_follows_the_block_size(big_models, tmp_path, save_format):
     output = tmp_path / "merged"
     merged_rss, stderr = _run_measured([
         sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge",
@@ -187,7 +190,7 @@ def big_adapter(big_models, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_stream_merge_with_an_adapter_stays_in_the_bound(big_models, big_adapter, tmp_path):
-    """The adapter's delta is computed per tensor, in the same pass: memory follows the largest tensor still."""
+    """The adapter's delta is computed per block, in the same pass: memory follows the block size still."""
     output = tmp_path / "merged"
     merged_rss, stderr = _run_measured([
         sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge",

@@ -166,40 +166,58 @@ class SafetensorsReader:
         except KeyError:
             raise KeyError(f"no tensor {name!r} in {self.path}") from None
 
-    def get(self, name: str, *, out: Optional["torch.Tensor"] = None) -> "torch.Tensor":
+    def _shape(self, name: str, rows: Optional[tuple[int, int]]) -> tuple[int, ...]:
+        spec = self._spec(name)
+        if rows is None:
+            return spec.shape
+        start, stop = rows
+        if not (spec.shape and 0 <= start <= stop <= spec.shape[0]):
+            raise ValueError(f"rows {start}:{stop} are out of range for tensor {name!r} of shape {list(spec.shape)}")
+        return (stop - start, *spec.shape[1:])
+
+    def get(
+        self, name: str, *, out: Optional["torch.Tensor"] = None, rows: Optional[tuple[int, int]] = None
+    ) -> "torch.Tensor":
         """Read tensor ``name`` into a new, writable torch tensor that owns its memory, or into ``out``.
 
-        ``out`` must be a contiguous tensor of the tensor's dtype and shape (a reused buffer).
+        ``out`` must be a contiguous tensor of the tensor's dtype and shape (a reused buffer). With
+        ``rows=(start, stop)`` only those rows of the first dimension are read.
         """
         import torch
 
-        spec = self._spec(name)
+        spec, shape = self._spec(name), self._shape(name, rows)
         if out is None:
-            out = torch.empty(spec.shape, dtype=spec.dtype.torch)
-        elif out.dtype != spec.dtype.torch or tuple(out.shape) != spec.shape or not out.is_contiguous():
-            raise ValueError(f"buffer for {name!r} must be a contiguous {spec.dtype} tensor of shape {list(spec.shape)}")
+            out = torch.empty(shape, dtype=spec.dtype.torch)
+        elif out.dtype != spec.dtype.torch or tuple(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"buffer for {name!r} must be a contiguous {spec.dtype} tensor of shape {list(shape)}")
         # Viewing as uint8 first works for every dtype, including bfloat16 and float8, which numpy lacks.
-        self._read_into(name, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        self._read_into(name, memoryview(out.reshape(-1).view(torch.uint8).numpy()), rows)
         return out
 
-    def get_array(self, name: str, *, out: Optional[np.ndarray] = None) -> np.ndarray:
-        """Read tensor ``name`` into a new numpy array, or into ``out``, in the dtype's ``storage``.
+    def get_array(
+        self, name: str, *, out: Optional[np.ndarray] = None, rows: Optional[tuple[int, int]] = None
+    ) -> np.ndarray:
+        """Read tensor ``name`` (or its ``rows``) into a new numpy array, or into ``out``, in the dtype's ``storage``.
 
         bfloat16 and float8 tensors come as their raw bits (uint16, uint8): numpy has no such dtypes.
         """
-        spec = self._spec(name)
+        spec, shape = self._spec(name), self._shape(name, rows)
         if out is None:
-            out = np.empty(spec.shape, dtype=spec.dtype.storage)
-        elif out.dtype != spec.dtype.storage or out.shape != spec.shape or not out.flags.c_contiguous:
+            out = np.empty(shape, dtype=spec.dtype.storage)
+        elif out.dtype != spec.dtype.storage or out.shape != shape or not out.flags.c_contiguous:
             raise ValueError(
-                f"buffer for {name!r} must be a C-contiguous {spec.dtype.storage} array of shape {list(spec.shape)}"
+                f"buffer for {name!r} must be a C-contiguous {spec.dtype.storage} array of shape {list(shape)}"
             )
-        self._read_into(name, memoryview(out.reshape(-1).view(np.uint8)))
+        self._read_into(name, memoryview(out.reshape(-1).view(np.uint8)), rows)
         return out
 
-    def _read_into(self, name: str, view: memoryview) -> None:
+    def _read_into(self, name: str, view: memoryview, rows: Optional[tuple[int, int]]) -> None:
         # Hand-written because safetensors has no pread-based reader and safe_open mmaps the file.
         start, end = self._ranges[name]
+        if rows is not None:
+            spec = self._specs[name]
+            row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
+            start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
         done = 0
         while done < end - start:
             n = os.preadv(self._file.fileno(), [view[done:]], start + done)
@@ -225,9 +243,10 @@ def write_safetensors(
     progress: Optional[Callable[[int], object]] = None,
     sha256: bool = False,
 ) -> Optional[str]:
-    """Write ``source`` as a safetensors file, holding one tensor in memory at a time.
+    """Write ``source`` as a safetensors file, holding one block of rows in memory at a time.
 
-    The header is built from the specs alone, then each tensor is produced by ``source.get``,
+    The header is built from the specs alone, then each tensor is produced block by block by
+    ``source.blocks`` (whole tensors from ``source.get`` for a source without row blocks), each block
     checked against its spec, written, and dropped before the next one is asked for.
 
     Args:
@@ -242,7 +261,7 @@ def write_safetensors(
 
     Raises:
         ValueError: a tensor name repeats or is reserved, a dtype has no safetensors code, a
-            metadata value is not a string, or ``source.get`` returned a tensor whose dtype or
+            metadata value is not a string, or the source returned a tensor or block whose dtype or
             shape differs from its spec; the message names the tensor.
 
     Example:
@@ -255,14 +274,14 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for spec in source.specs:
-            tensor = source.get(spec.name)
-            check_tensor(tensor, spec)
-            data = tensor_bytes(tensor)
-            f.write(data)
-            del tensor, data
-            if hasher is not None:
-                f.flush()
-                hasher.advance(f.tell())
+            for rows, block in source.blocks(spec):
+                check_tensor(block, spec, rows=rows)
+                data = tensor_bytes(block)
+                f.write(data)
+                del block, data
+                if hasher is not None:
+                    f.flush()
+                    hasher.advance(f.tell())
             if progress is not None:
                 progress(spec.nbytes)
         if hasher is not None:
@@ -292,10 +311,11 @@ def _build_header(source: TensorSource, metadata: dict[str, str]) -> bytes:
     return encoded + b" " * (-len(encoded) % HEADER_ALIGNMENT)
 
 
-def check_tensor(tensor: Any, spec: TensorSpec) -> None:
+def check_tensor(tensor: Any, spec: TensorSpec, *, rows: Optional[tuple[int, int]] = None) -> None:
     """Raise ``ValueError`` naming the tensor unless ``tensor`` matches ``spec``'s dtype and shape.
 
-    ``tensor`` is a torch tensor, or a numpy array in the dtype's ``storage`` (bfloat16 as uint16 bits).
+    ``tensor`` is a torch tensor, or a numpy array in the dtype's ``storage`` (bfloat16 as uint16 bits);
+    with ``rows=(start, stop)`` it is that block of the tensor's rows.
     """
     if isinstance(tensor, np.ndarray):
         dtype, expected = tensor.dtype, spec.dtype.storage
@@ -303,10 +323,11 @@ def check_tensor(tensor: Any, spec: TensorSpec) -> None:
         dtype, expected = tensor.dtype, spec.dtype.torch
     else:
         raise ValueError(f"tensor {spec.name!r}: expected a torch.Tensor or numpy array, got {type(tensor).__name__}")
-    if dtype != expected or tuple(tensor.shape) != tuple(spec.shape):
+    shape = tuple(spec.shape) if rows is None else (rows[1] - rows[0], *spec.shape[1:])
+    if dtype != expected or tuple(tensor.shape) != shape:
+        what = "" if rows is None else f" rows {rows[0]}:{rows[1]}"
         raise ValueError(
-            f"tensor {spec.name!r} is {dtype} {tuple(tensor.shape)} but was planned as "
-            f"{spec.dtype} {tuple(spec.shape)}"
+            f"tensor {spec.name!r}{what} is {dtype} {tuple(tensor.shape)} but was planned as {spec.dtype} {shape}"
         )
 
 

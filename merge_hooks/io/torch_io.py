@@ -152,9 +152,15 @@ class _ArchiveWriter:
 
     def write(self, name: str, data) -> int:
         """Write one record; ``data`` is any bytes-like object. Returns its CRC-32."""
-        name_bytes = f"{self._prefix}/{name}".encode("utf-8")
         view = memoryview(data).cast("B")
-        offset, size = self._f.tell(), view.nbytes
+        self.begin(name, view.nbytes)
+        self.extend(view)
+        return self.end()
+
+    def begin(self, name: str, size: int) -> None:
+        """Start a record of ``size`` bytes, whose data follows in :meth:`extend` calls, then :meth:`end`."""
+        name_bytes = f"{self._prefix}/{name}".encode("utf-8")
+        offset = self._f.tell()
         zip64 = _zip64_extra(size, offset, local=True)
         start = offset + _LOCAL_HEADER.size + len(name_bytes) + len(zip64) + 4
         padding = -start % ALIGNMENT
@@ -163,8 +169,20 @@ class _ArchiveWriter:
         self._f.write(_LOCAL_HEADER.pack(0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0, len(name_bytes), len(extra)))
         self._f.write(name_bytes)
         self._f.write(extra)
+        self._record = (name_bytes, offset, size, 0, 0)
+
+    def extend(self, data) -> None:
+        """Write the next bytes of the current record."""
+        view = memoryview(data).cast("B")
         self._f.write(view)
-        crc = zlib.crc32(view)
+        name_bytes, offset, size, written, crc = self._record
+        self._record = (name_bytes, offset, size, written + view.nbytes, zlib.crc32(view, crc))
+
+    def end(self) -> int:
+        """Finish the current record; returns its CRC-32."""
+        name_bytes, offset, size, written, crc = self._record
+        if written != size:
+            raise ValueError(f"record {name_bytes.decode()} got {written} bytes, {size} were announced")
         if size:
             wide = offset >= _U32_MAX or size >= _U32_MAX
             self._f.write(b"PK\x07\x08" + struct.pack("<IQQ" if wide else "<III", crc, size, size))
@@ -209,11 +227,12 @@ def write_torch(
     progress: Optional[Callable[[int], object]] = None,
     sha256: bool = False,
 ) -> Optional[str]:
-    """Write ``source`` as a ``torch.save`` archive of ``{name: tensor}``, one tensor in memory at a time.
+    """Write ``source`` as a ``torch.save`` archive of ``{name: tensor}``, one block of rows in memory at a time.
 
     The result is laid out as ``torch.save(dict(...), path)`` lays it out (one storage per tensor, in
     order), loads with ``torch.load(path, weights_only=True)``, with or without ``mmap=True``, and has
-    valid CRC-32 values for zip tools. torch is not imported; ``source.get`` may return numpy arrays.
+    valid CRC-32 values for zip tools. torch is not imported; the source may produce numpy arrays.
+    Tensors are written block by block (``source.blocks``), each record's CRC-32 computed as it goes.
 
     Args:
         path: the file to create (overwritten if it exists).
@@ -225,7 +244,7 @@ def write_torch(
         The file's hex sha256 when ``sha256`` is set, else None.
 
     Raises:
-        ValueError: a tensor name repeats, or ``source.get`` returned a tensor whose dtype or
+        ValueError: a tensor name repeats, or the source returned a tensor or block whose dtype or
             shape differs from its spec; the message names the tensor.
 
     Example:
@@ -248,14 +267,16 @@ def write_torch(
         archive.write(".storage_alignment", str(ALIGNMENT).encode())
         archive.write("byteorder", b"little")
         for key, spec in enumerate(specs):
-            tensor = source.get(spec.name)
-            check_tensor(tensor, spec)
-            data = tensor_bytes(tensor)
-            archive.write(f"data/{key}", data)
-            del tensor, data
-            if hasher is not None:
-                f.flush()
-                hasher.advance(f.tell())
+            archive.begin(f"data/{key}", spec.nbytes)
+            for rows, block in source.blocks(spec):
+                check_tensor(block, spec, rows=rows)
+                data = tensor_bytes(block)
+                archive.extend(data)
+                del block, data
+                if hasher is not None:
+                    f.flush()
+                    hasher.advance(f.tell())
+            archive.end()
             if progress is not None:
                 progress(spec.nbytes)
         archive.write("version", b"3\n")
@@ -345,15 +366,24 @@ class TorchReader:
     def keys(self) -> list[str]:
         return list(self._specs)
 
-    def get(self, name: str, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Copy tensor ``name`` into a new, contiguous tensor that owns its memory, or into ``out``."""
+    def get(
+        self, name: str, *, out: Optional[torch.Tensor] = None, rows: Optional[tuple[int, int]] = None
+    ) -> torch.Tensor:
+        """Copy tensor ``name`` (or its ``rows=(start, stop)``) into a new, contiguous tensor that owns its
+        memory, or into ``out``."""
         import torch
 
         try:
             spec = self._specs[name]
         except KeyError:
             raise KeyError(f"no tensor {name!r} in {self.path}") from None
-        if self._mapped and self._read_bytes and self._read_bytes + spec.nbytes > REMAP_AFTER_BYTES:
+        shape, nbytes = spec.shape, spec.nbytes
+        if rows is not None:
+            if not (spec.shape and 0 <= rows[0] <= rows[1] <= spec.shape[0]):
+                raise ValueError(f"rows {rows[0]}:{rows[1]} are out of range for tensor {name!r} of shape {list(shape)}")
+            shape = (rows[1] - rows[0], *spec.shape[1:])
+            nbytes = spec.nbytes // spec.shape[0] * shape[0] if spec.shape[0] else 0
+        if self._mapped and self._read_bytes and self._read_bytes + nbytes > REMAP_AFTER_BYTES:
             logger.debug("unmapping %s after reading %d bytes from it", self.path, self._read_bytes)
             self._tensors = None
             self._read_bytes = 0
@@ -361,13 +391,15 @@ class TorchReader:
             self._tensors = self._load()
         # detach: files saved from nn.Parameters load as Parameters, whose clones would track gradients.
         mapped = self._tensors[name].detach()
+        if rows is not None:
+            mapped = mapped[rows[0]:rows[1]]
         if out is None:
             out = mapped.clone(memory_format=torch.contiguous_format)
-        elif out.dtype != spec.dtype.torch or tuple(out.shape) != spec.shape:
-            raise ValueError(f"buffer for {name!r} must be a {spec.dtype} tensor of shape {list(spec.shape)}")
+        elif out.dtype != spec.dtype.torch or tuple(out.shape) != shape:
+            raise ValueError(f"buffer for {name!r} must be a {spec.dtype} tensor of shape {list(shape)}")
         else:
             out.copy_(mapped)
-        self._read_bytes += spec.nbytes
+        self._read_bytes += nbytes
         return out
 
     def close(self) -> None:
