@@ -21,12 +21,13 @@ Examples = Union[PathLike, list[dict]]
 _AUTO_CLASSES = {"encoder": "AutoModel", "reranker": "AutoModelForSequenceClassification", "decoder": "AutoModelForCausalLM"}
 
 
-def _output_options(output_path, save_format, max_shard_size, dtype) -> dict:
+def _output_options(output_path, save_format, max_shard_size, dtype, extra: dict) -> dict:
     return {
         "path": None if output_path is None else str(output_path),
         "save_format": save_format,
         "max_shard_size": max_shard_size,
         "dtype": dtype,
+        **extra,
     }
 
 
@@ -76,13 +77,13 @@ def _merge_in_memory(recipe: Recipe, *, quiet: bool) -> Any:
         result.close()
 
 
-def _run(recipe: Recipe, *, overwrite: bool, quiet: bool, return_model: bool):
+def _run(recipe: Recipe, *, overwrite: bool, force: bool, quiet: bool, return_model: bool):
     """Merge; write through the output stage when the recipe has an output path; return the model."""
     from .pipeline import run_recipe
 
     if recipe.output.path is None:
         return _merge_in_memory(recipe, quiet=quiet)
-    result = run_recipe(recipe, overwrite=overwrite, quiet=quiet)
+    result = run_recipe(recipe, overwrite=overwrite, force=force, quiet=quiet)
     if not return_model:
         return None
     if result.model is not None:
@@ -113,23 +114,27 @@ def mix_models(
     dtype: str = "keep",
     engine: str = "auto",
     overwrite: bool = False,
+    force: bool = False,
     trust_remote_code: bool = False,
     quiet: bool = True,
     return_model: bool = True,
+    **output_options: Any,
 ) -> Any:
     """LM_Cocktail's ``mix_models`` (same arguments), writing the result through merge-hooks' output stage.
 
     Returns the merged model as LM_Cocktail does, whichever engine merged: the stream engine's output
     is loaded back with the Auto class of ``model_type`` (``return_model=False`` skips that and returns
-    None). With ``output_path=None`` nothing is written.
+    None). With ``output_path=None`` nothing is written. ``overwrite`` replaces an earlier merge-hooks
+    output, ``force`` (with it) any other folder; ``output_options`` are the other keys of a recipe's
+    ``output`` (``gguf_type="q8_0"``, ``onnx_quantize="qint8"``).
 
     Example:
         >>> model = mix_models(["bge-ft", "BAAI/bge-base-en-v1.5"], "encoder", [0.5, 0.5], "merged", save_format="bin")
     """
     recipe = _recipe("mix_models", model_names_or_paths, model_type, weights, engine=engine,
                      trust_remote_code=trust_remote_code,
-                     output=_output_options(output_path, save_format, max_shard_size, dtype))
-    return _run(recipe, overwrite=overwrite, quiet=quiet, return_model=return_model)
+                     output=_output_options(output_path, save_format, max_shard_size, dtype, output_options))
+    return _run(recipe, overwrite=overwrite, force=force, quiet=quiet, return_model=return_model)
 
 
 def mix_models_by_layers(
@@ -143,9 +148,11 @@ def mix_models_by_layers(
     dtype: str = "keep",
     engine: str = "auto",
     overwrite: bool = False,
+    force: bool = False,
     trust_remote_code: bool = False,
     quiet: bool = True,
     return_model: bool = True,
+    **output_options: Any,
 ) -> Any:
     """LM_Cocktail's ``mix_models_by_layers`` with merge-hooks' output stage (see :func:`mix_models`).
 
@@ -154,8 +161,8 @@ def mix_models_by_layers(
     """
     recipe = _recipe("mix_models_by_layers", model_names_or_paths, model_type, weights, engine=engine,
                      trust_remote_code=trust_remote_code,
-                     output=_output_options(output_path, save_format, max_shard_size, dtype))
-    return _run(recipe, overwrite=overwrite, quiet=quiet, return_model=return_model)
+                     output=_output_options(output_path, save_format, max_shard_size, dtype, output_options))
+    return _run(recipe, overwrite=overwrite, force=force, quiet=quiet, return_model=return_model)
 
 
 def mix_models_with_data(
@@ -175,9 +182,11 @@ def mix_models_with_data(
     dtype: str = "keep",
     engine: str = "auto",
     overwrite: bool = False,
+    force: bool = False,
     trust_remote_code: bool = False,
     quiet: bool = True,
     return_model: bool = True,
+    **output_options: Any,
 ) -> Any:
     """LM_Cocktail's ``mix_models_with_data`` (same arguments) with merge-hooks' output stage.
 
@@ -196,11 +205,11 @@ def mix_models_with_data(
         raise MergeHooksError("mix_models_with_data needs examples: a list of example dicts or a JSON lines file")
     recipe = _recipe("mix_models_with_data", model_names_or_paths, model_type, None, engine=engine,
                      trust_remote_code=trust_remote_code,
-                     output=_output_options(output_path, save_format, max_shard_size, dtype),
+                     output=_output_options(output_path, save_format, max_shard_size, dtype, output_options),
                      examples=list(data) if isinstance(data, (list, tuple)) else str(data),
                      temperature=temperature, batch_size=batch_size,
                      max_input_length=max_input_length, neg_number=neg_number, seed=seed)
-    return _run(recipe, overwrite=overwrite, quiet=quiet, return_model=return_model)
+    return _run(recipe, overwrite=overwrite, force=force, quiet=quiet, return_model=return_model)
 
 
 def save(
@@ -214,7 +223,9 @@ def save(
     tokenizer: Any = None,
     model_type: Optional[str] = None,
     overwrite: bool = False,
+    force: bool = False,
     quiet: bool = True,
+    **output_options: Any,
 ) -> list[tuple[str, int]]:
     """Write any Hugging Face model already in memory through the output stage, atomically.
 
@@ -225,6 +236,8 @@ def save(
             (usually the first model of the merge).
         tokenizer: a tokenizer object to save instead, when there is no ``source``.
         model_type: ``encoder`` also writes sentence-transformers files (copied from ``source``, else CLS + Normalize).
+        overwrite: replace an earlier merge-hooks output (``force`` too: any non-empty folder).
+        output_options: other keys of a recipe's ``output`` (``gguf_type="q8_0"``, ``onnx_quantize="qint8"``).
 
     Returns:
         The files written, as (relative name, size in bytes).
@@ -234,6 +247,7 @@ def save(
     """
     import json
 
+    from .card import write_manifest
     from .engines.cocktail import model_source
     from .formats import WriteOptions, expand_formats, finish_formats, write_formats
     from .pipeline import folder_listing
@@ -249,11 +263,12 @@ def save(
     from .staging import staged_output
 
     try:
-        options = OutputOptions(path=Path(path), save_format=save_format, max_shard_size=max_shard_size, dtype=dtype)
+        options = OutputOptions(path=str(path), save_format=save_format, max_shard_size=max_shard_size, dtype=dtype,
+                                **output_options)
     except ValueError as exc:
         raise MergeHooksError(str(exc)) from None
     formats = expand_formats(options.formats)
-    target = check_output(options.path, overwrite=overwrite)
+    target = check_output(options.path, overwrite=overwrite, force=force)
     out_dtype = dtypes.of(model.dtype if dtype == "keep" else dtype)
     tensors = model_source(model, dtype=out_dtype)
     check_disk_space(target.parent, tensors.total_bytes * sum(fmt.size_factor for fmt in formats))
@@ -287,4 +302,6 @@ def save(
                 max_seq_length=max_seq_length(source_dir, config) if source_dir else int(config.get("max_position_embeddings", 512)),
             )
         finish_formats(staging, formats, write_options)
+        # The manifest marks the folder as merge-hooks output, which a later save(..., overwrite=True) may replace.
+        write_manifest(staging)
     return folder_listing(target)

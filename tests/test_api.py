@@ -251,3 +251,30 @@ def test_save_encoder_writes_sentence_transformers_files(make_models, tmp_path):
     assert json.loads((out / "1_Pooling" / "config.json").read_text())["pooling_mode_cls_token"] is True
     st = SentenceTransformer(str(out), device="cpu")
     assert st.encode(["paris is the capital of france"]).shape == (1, 32)
+
+
+def test_api_passes_force_and_format_options(make_models, tmp_path):
+    """force replaces a folder merge-hooks did not write; format keys of `output` reach the recipe; save()
+    marks its output so that a second save with overwrite replaces it."""
+    import merge_hooks
+    from merge_hooks.errors import MergeHooksError
+
+    paths = make_models("bert-encoder", 2)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MergeHooksError, match="--force"):
+        merge_hooks.mix_models(paths, "encoder", [0.5, 0.5], out, overwrite=True, return_model=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    merge_hooks.mix_models(paths, "encoder", [0.5, 0.5], out, overwrite=True, force=True, return_model=False)
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(MergeHooksError, match="gguf_type"):
+        merge_hooks.mix_models(paths, "encoder", [0.5, 0.5], tmp_path / "other", gguf_type="q8_0")
+    assert not (tmp_path / "other").exists()
+
+    model = merge_hooks.mix_models(paths, "encoder", [0.5, 0.5])
+    saved = tmp_path / "saved"
+    merge_hooks.save(model, saved, source=paths[0], model_type="encoder")
+    assert (saved / "merge_manifest.json").is_file()
+    merge_hooks.save(model, saved, source=paths[0], model_type="encoder", save_format="bin", overwrite=True)
+    assert (saved / "pytorch_model.bin").is_file() and not (saved / "model.safetensors").exists()
