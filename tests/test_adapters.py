@@ -16,52 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import assert_same_bits, leftovers
+from helpers import ADDED_TOKENS, assert_same_bits, leftovers, make_adapter
 from merge_hooks.cli import main
 from merge_hooks.pipeline import run_recipe
 from merge_hooks.recipe import model_entry_from_arg, recipe_from_dict
-
-ADDED_TOKENS = ["<instruct>", "<query>", "<response>"]
-
-
-def _randomise_adapter(model, seed: int) -> None:
-    """peft starts B (or the embedding's A) at zero; give every adapter tensor values so deltas are non-zero."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1 + ("magnitude" in name))
-
-
-def make_adapter(
-    base: Path, out: Path, *, seed: int = 0, auto_class=None, resize: int = 0, safe_serialization: bool = True, **lora
-) -> Path:
-    """A peft LoRA adapter for ``base`` saved in ``out`` (with FlagEmbedding's emb.pth when ``resize``;
-    as ``adapter_model.bin`` without ``safe_serialization``)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = (auto_class or AutoModelForCausalLM).from_pretrained(str(base), dtype=torch.float32)
-    if resize:
-        # FlagEmbedding's get_model: resize for the added tokens, save the embedding module as embedding/emb.pth.
-        tokenizer = AutoTokenizer.from_pretrained(str(base))
-        tokenizer.add_special_tokens({"additional_special_tokens": ADDED_TOKENS})
-        model.resize_token_embeddings(len(tokenizer))
-        with torch.no_grad():
-            model.get_input_embeddings().weight[-resize:].normal_(generator=torch.Generator().manual_seed(seed + 99))
-        (out / "embedding").mkdir(parents=True)
-        torch.save(model.get_input_embeddings(), out / "embedding" / "emb.pth")
-        tokenizer.save_pretrained(str(out))
-    peft_model = get_peft_model(model, LoraConfig(**lora))
-    _randomise_adapter(peft_model, seed)
-    if lora.get("bias") == "all":  # trained biases are saved with the adapter and replace the base's
-        with torch.no_grad():
-            for name, parameter in peft_model.named_parameters():
-                if name.endswith(".bias"):
-                    parameter.add_(1.0)
-    peft_model.save_pretrained(str(out), safe_serialization=safe_serialization)
-    return out
-
 
 def peft_merged(base: Path, adapters: list[Path], *, dtype: torch.dtype, auto_class=None, emb: Path | None = None) -> dict:
     """peft's merge_and_unload of ``adapters`` in turn (as FlagEmbedding's raw_peft), base loaded in ``dtype``;

@@ -10,7 +10,11 @@ How the snippets are run:
   against pyproject.toml and the constraints instead of run, ``python -m pytest`` and ``bash .ci/run``
   are what runs this; a console block's listing is compared with the files the command wrote;
 - ``yaml`` blocks are saved and merged with ``merge-hooks merge FILE``; ``python`` blocks run as scripts
-  (FlagEmbedding's only where it imports); ``toml`` blocks are parsed;
+  (FlagEmbedding's, and sentence-transformers' ONNX backend's, only where they import); ``toml`` blocks are parsed;
+- ``sh`` blocks are commands of the runtimes that serve the output (llama.cpp, curl against its server, Docker
+  for TEI): each line must start with one of them, every file a line names must have been written by the
+  commands before it, and a ``llama-embedding`` line's model and text run in llama.cpp (llama-cpp-python)
+  where it imports;
 - without HF_HUB_OFFLINE, against a stand-in hub that counts requests: none may reach it.
 """
 
@@ -29,7 +33,7 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from helpers import REPO, counting_hub, online_env
+from helpers import REPO, counting_hub, make_adapter, online_env
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 BLOCKS = [(lang, code) for lang, code in re.findall(r"^```(\w+)\n(.*?)^```", README, re.S | re.M)]
@@ -67,6 +71,8 @@ def workspace(make_models, tmp_path_factory):
     shutil.copytree(REPO / "configs", root / "configs", symlinks=False)
     for name, (family, pooling, seed) in {**_config_models(), **README_MODELS}.items():
         shutil.copytree(make_models(family, seed + 1, pooling=pooling)[seed], root / name)
+    # The LoRA adapter the README's adapter recipe merges (made by peft, as a fine-tune leaves it).
+    make_adapter(root / "Mistral-7B-v0.1", root / "lora-out", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     return root
 
 
@@ -123,9 +129,14 @@ def test_readme_snippet_runs(index, workspace, hub):
     elif lang == "python":
         if "FlagEmbedding" in code:
             pytest.importorskip("FlagEmbedding", reason="FlagEmbedding does not import on this stack")
+        if 'backend="onnx"' in code:
+            pytest.importorskip("optimum.onnxruntime", reason="sentence-transformers' ONNX backend does not import here")
         script = workspace / f"readme-snippet-{index}.py"
         script.write_text(code)
         runs = [f"python {script.name}"]
+    elif lang == "sh":
+        _check_runtime_commands(code, workspace)
+        runs = []
     else:
         assert lang in ("bash", "console"), lang
         runs = []
@@ -147,6 +158,26 @@ def test_readme_snippet_runs(index, workspace, hub):
         folder = workspace / written
         assert sorted(listed) == sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert requests == [], requests
+
+
+# The programs of ``sh`` blocks: the runtimes that serve what merge-hooks writes.
+RUNTIME_COMMANDS = ("llama-embedding", "llama-server", "curl", "docker", "ollama")
+
+
+def _check_runtime_commands(code: str, workspace: Path) -> None:
+    for line in _commands(code):
+        if line.startswith("#"):
+            continue
+        assert line.split()[0] in RUNTIME_COMMANDS, line
+        for model in re.findall(r"-m (\S+)", line):
+            assert (workspace / model).is_file(), f"{line}: no README command above writes {model}"
+        if line.startswith("llama-embedding"):
+            llama_cpp = pytest.importorskip("llama_cpp")
+            text = re.search(r'-p "([^"]+)"', line).group(1)
+            model = llama_cpp.Llama(str(workspace / re.search(r"-m (\S+)", line).group(1)), embedding=True,
+                                    verbose=False)
+            embedding = model.embed(text)
+            assert len(embedding) > 0 and all(abs(x) < 1e6 for x in embedding)
 
 
 def test_every_flag_in_the_table_exists():
