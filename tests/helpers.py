@@ -186,3 +186,14 @@ def online_env(endpoint: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
     env.update(HF_ENDPOINT=endpoint, PYTHONPATH=str(REPO), HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2", **extra)
     return env
+
+
+def cli_subprocess(*args, cwd: Path = REPO, env: dict | None = None, shell_tail: str = "") -> subprocess.CompletedProcess:
+    """``merge-hooks ARGS`` in a fresh Python (its own logging, warnings and stdout), optionally piped into ``shell_tail``."""
+    command = [sys.executable, "-m", "merge_hooks", *map(str, args)]
+    if shell_tail:
+        import shlex
+
+        command = ["bash", "-c", shlex.join(command) + " | " + shell_tail]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env=env or {**os.environ, "PYTHONPATH": str(REPO)})

@@ -91,14 +91,6 @@ def test_api_sends_no_hub_request(hub, workdir):
     assert requests == []
 
 
-@pytest.mark.slow
-def test_demo_sends_no_hub_request(hub, workdir):
-    proc, requests = _run(["-m", "merge_hooks", "demo", "-q", "--workdir", "demo-out"], hub=hub, cwd=workdir)
-    assert proc.returncode == 0, proc.stderr
-    assert "Retrieval accuracy@1" in proc.stdout
-    assert requests == []
-
-
 def test_the_counting_server_sees_a_hub_lookup(hub, workdir):
     """The control: an uncached hub id does reach the server, so zero above means zero."""
     proc, requests = _run(["-m", "merge_hooks", "merge", "--model-type", "encoder", "--models", "no-such-org/no-such-model",
