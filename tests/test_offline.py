@@ -2,7 +2,7 @@
 
 The hub endpoint (HF_ENDPOINT) points at a server on 127.0.0.1 that answers 404 and counts requests;
 each command runs in a fresh Python without HF_HUB_OFFLINE, on models given as relative ``dir/name``
-paths (what a hub id looks like to the loaders).
+paths (what a hub id looks like to the loaders). ``merge-hooks demo`` runs the same way in test_readme.py.
 """
 
 from __future__ import annotations
