@@ -18,7 +18,7 @@ from .errors import MergeHooksError
 from .formats import WriteOptions, get_format
 from .heads import heads_present, merge_heads, write_heads
 from .preflight import InputModel, check_disk_space, check_output, load_inputs
-from .progress import byte_progress, loader_progress_bars
+from .progress import byte_progress
 from .recipe import Recipe
 from .sidecar import write_sidecars
 from .staging import staged_output
@@ -132,6 +132,7 @@ def _merge(
                 max_input_length=recipe.max_input_length,
                 neg_number=recipe.neg_number,
                 trust_remote_code=recipe.trust_remote_code,
+                quiet=quiet,
             )
         logger.info("weights from the examples: %s", ", ".join(f"{w:.6f}" for w in weights))
     else:
@@ -148,8 +149,7 @@ def merge_tensors(recipe: Recipe, models: list[InputModel], *, dtype, quiet: boo
     if recipe.method == "mix_models_with_data":
         examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)
     engine = choose_engine(recipe, models)
-    with loader_progress_bars(enabled=not quiet):
-        return _merge(recipe, models, engine, examples, dtype, arrays=False, quiet=quiet)
+    return _merge(recipe, models, engine, examples, dtype, arrays=False, quiet=quiet)
 
 
 def _verify_staging(staging: Path, *, trust_remote_code: bool) -> None:
@@ -196,10 +196,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, quiet: bool = False, 
 
         engine = choose_engine(recipe, models)
         logger.info("merging %d models with the %s engine", len(models), engine)
-        # Only LM_Cocktail and the example scoring load models through transformers.
-        loads_models = engine == "cocktail" or examples is not None
-        with loader_progress_bars(enabled=not (quiet and loads_models)):
-            result = _merge(recipe, models, engine, examples, dtype, arrays=fmt.takes_arrays, quiet=quiet)
+        result = _merge(recipe, models, engine, examples, dtype, arrays=fmt.takes_arrays, quiet=quiet)
         try:
             # LM_Cocktail never merges bge-m3's heads, whichever engine ran.
             heads = merge_heads([m.path for m in models], result.weights, dtype=result.dtype) if m3_heads else None

@@ -314,9 +314,26 @@ def test_quiet_silences_lm_cocktails_bars(method, encoders, tmp_path):
     proc = cli_subprocess(*args, "-o", tmp_path / "quiet", "-q")
     assert proc.returncode == 0, proc.stderr
     assert (proc.stdout, proc.stderr) == ("", "")
-    if method == "mix_models_by_layers":  # the control: without -q, LM_Cocktail draws its bars
-        loud = cli_subprocess(*args, "-o", tmp_path / "loud")
-        assert "Merging models" in loud.stderr
+    # The control: without -q, bars name each model loaded (transformers 5's anonymous ones stay off).
+    loud = cli_subprocess(*args, "-o", tmp_path / "loud")
+    for path in encoders:
+        assert f"LM_Cocktail loading {path}" in loud.stderr
+    assert "Loading weights" not in loud.stderr
+    assert ("Merging models" in loud.stderr) == (method == "mix_models_by_layers")
+
+
+def test_example_scoring_bar_names_each_model(encoders, tmp_path):
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}) + "\n")
+    args = ["merge", "--model-type", "encoder", "--method", "mix_models_with_data", "--models", *encoders,
+            "--examples", examples, "--neg-number", "2"]
+    loud = cli_subprocess(*args, "-o", tmp_path / "loud")
+    assert loud.returncode == 0, loud.stderr
+    for path in encoders:
+        assert f"scoring {path} on the examples" in loud.stderr
+    assert "Loading weights" not in loud.stderr
+    quiet = cli_subprocess(*args, "-o", tmp_path / "quiet", "-q")
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
 
 
 def test_with_data_flags_and_seed_are_recorded_and_reproducible(encoders, tmp_path):
