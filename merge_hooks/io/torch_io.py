@@ -327,7 +327,7 @@ class TorchReader:
             else:
                 loaded = torch.load(self.path, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as exc:
-            raise ValueError(refused_pickle(exc)) from None
+            raise ValueError(f"{self.path}: {refused_pickle(exc)}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{self.path} holds a {type(loaded).__name__}, not a dict of tensors")
         for name, value in loaded.items():
