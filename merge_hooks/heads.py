@@ -50,7 +50,7 @@ def load_head(path: Path) -> dict[str, "torch.Tensor"]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise MergeHooksError(refused_pickle(path, exc)) from None
+        raise MergeHooksError(f"cannot read {path}: {refused_pickle(exc)}") from None
     except (RuntimeError, OSError, EOFError) as exc:
         raise MergeHooksError(f"cannot read {path} as a state dict of tensors: {exc}") from None
     if not isinstance(state_dict, dict) or not all(

@@ -29,7 +29,7 @@ from .formats import (
 )
 from .heads import heads_present, merge_heads, write_heads
 from .preflight import InputModel, check_disk_space, check_output, load_inputs
-from .progress import byte_progress, loader_progress_bars
+from .progress import byte_progress
 from .recipe import Recipe
 from .sidecar import copy_code_files, write_sidecars
 from .staging import Claim, claimed_output, staged_output
@@ -177,6 +177,7 @@ def _merge(
                 max_input_length=recipe.max_input_length,
                 neg_number=recipe.neg_number,
                 trust_remote_code=recipe.trust_remote_code,
+                quiet=quiet,
             )
         logger.info("weights from the examples: %s", ", ".join(f"{w:.6f}" for w in weights))
     else:
@@ -193,8 +194,7 @@ def merge_tensors(recipe: Recipe, models: list[InputModel], *, dtype, quiet: boo
     if recipe.method == "mix_models_with_data":
         examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)
     engine = choose_engine(recipe, models)
-    with loader_progress_bars(enabled=not quiet):
-        return _merge(recipe, models, engine, examples, dtype, arrays=False, quiet=quiet)
+    return _merge(recipe, models, engine, examples, dtype, arrays=False, quiet=quiet)
 
 
 def _verify_staging(staging: Path, *, trust_remote_code: bool) -> None:
@@ -263,11 +263,8 @@ def _run_claimed(
 
         engine = choose_engine(recipe, models)
         logger.info("merging %d models with the %s engine", len(models), engine)
-        # Only LM_Cocktail and the example scoring load models through transformers.
-        loads_models = engine == "cocktail" or examples is not None
-        with loader_progress_bars(enabled=not (quiet and loads_models)):
-            arrays = all(fmt.takes_arrays for fmt in formats if fmt.write is not None)
-            result = _merge(recipe, models, engine, examples, dtype, arrays=arrays, quiet=quiet)
+        arrays = all(fmt.takes_arrays for fmt in formats if fmt.write is not None)
+        result = _merge(recipe, models, engine, examples, dtype, arrays=arrays, quiet=quiet)
         try:
             # LM_Cocktail never merges bge-m3's heads, whichever engine ran.
             heads = merge_heads([m.path for m in models], result.weights, dtype=result.dtype) if m3_heads else None

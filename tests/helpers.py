@@ -188,6 +188,17 @@ def online_env(endpoint: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def cli_subprocess(*args, cwd: Path = REPO, env: dict | None = None, shell_tail: str = "") -> subprocess.CompletedProcess:
+    """``merge-hooks ARGS`` in a fresh Python (its own logging, warnings and stdout), optionally piped into ``shell_tail``."""
+    command = [sys.executable, "-m", "merge_hooks", *map(str, args)]
+    if shell_tail:
+        import shlex
+
+        command = ["bash", "-c", shlex.join(command) + " | " + shell_tail]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env=env or {**os.environ, "PYTHONPATH": str(REPO)})
+
+
 # Added tokens of FlagEmbedding-style adapters (saved with embedding/emb.pth).
 ADDED_TOKENS = ["<instruct>", "<query>", "<response>"]
 

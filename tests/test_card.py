@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import FAMILY, merge, merge_in_subprocess
+from helpers import FAMILY, cli_subprocess, merge, merge_in_subprocess
 from merge_hooks.card import MANIFEST_NAME, hash_files, write_manifest
 from merge_hooks.recipe import load_recipe
 
@@ -145,17 +145,6 @@ def test_stream_merge_with_card_does_not_import_transformers(make_models, tmp_pa
     assert f"| transformers | {version('transformers')} |" in (tmp_path / "merged" / "README.md").read_text()
 
 
-def _cli(args: list[str], cwd: Path):
-    import os
-    import subprocess
-    import sys
-
-    from helpers import REPO
-
-    return subprocess.run([sys.executable, "-m", "merge_hooks", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
 def _card_verify_command(folder: Path) -> list[str]:
     """The ``merge-hooks verify ... --against ...`` command the folder's model card shows."""
     import re
@@ -169,8 +158,8 @@ def _card_verify_command(folder: Path) -> list[str]:
 def test_cards_verify_command_replays_from_any_folder(make_models, tmp_path):
     for i, source in enumerate(make_models("bert-encoder", 2)):
         shutil.copytree(source, tmp_path / "work" / "models" / f"m{i}")
-    merged = _cli(["merge", "--model-type", "encoder", "--models", "models/m0", "models/m1", "--weights", "0.6", "0.4",
-                   "-o", "merged", "-q"], cwd=tmp_path / "work")
+    merged = cli_subprocess("merge", "--model-type", "encoder", "--models", "models/m0", "models/m1", "--weights", "0.6",
+                            "0.4", "-o", "merged", "-q", cwd=tmp_path / "work")
     assert merged.returncode == 0, merged.stderr
     out = tmp_path / "work" / "merged"
     recorded = yaml.safe_load((out / "merge_recipe.yaml").read_text())
@@ -178,7 +167,7 @@ def test_cards_verify_command_replays_from_any_folder(make_models, tmp_path):
     assert recorded["output"]["path"] == str(out)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    replay = _cli(_card_verify_command(out), cwd=elsewhere)
+    replay = cli_subprocess(*_card_verify_command(out), cwd=elsewhere)
     assert replay.returncode == 0, replay.stdout
     assert "equal the recipe's merge bit for bit" in replay.stdout
 
@@ -217,8 +206,8 @@ def test_hub_ids_are_recorded_with_their_revision(make_models, tmp_path):
 def test_convert_rewrites_card_recipe_info_and_manifest(save_format, dtype, make_models, tmp_path):
     out = tmp_path / "merged"
     merge(make_models("bert-encoder", 2), "encoder", out, weights=WEIGHTS, save_format="safetensors")
-    converted = _cli(["convert", str(out), str(tmp_path / "converted"), "--save-format", save_format,
-                      "--dtype", dtype, "-q"], cwd=tmp_path)
+    converted = cli_subprocess("convert", out, tmp_path / "converted", "--save-format", save_format,
+                               "--dtype", dtype, "-q", cwd=tmp_path)
     assert converted.returncode == 0, converted.stderr
     folder = tmp_path / "converted"
     info = json.loads((folder / "merge_info.json").read_text())
@@ -228,6 +217,6 @@ def test_convert_rewrites_card_recipe_info_and_manifest(save_format, dtype, make
     meta, body = front_matter(folder / "README.md")
     assert f"`{save_format}`, dtype `{dtype}`" in body
     assert f"SentenceTransformer({str(folder)!r})" in body and str(out) + "'" not in body
-    replay = _cli(_card_verify_command(folder), cwd=tmp_path)
+    replay = cli_subprocess(*_card_verify_command(folder), cwd=tmp_path)
     assert replay.returncode == 0, replay.stdout
     assert "equal the recipe's merge bit for bit" in replay.stdout and "sha256" in replay.stdout

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import assert_same_tensors, leftovers, load_state_dict, weight_files
+from helpers import assert_same_tensors, cli_subprocess, leftovers, load_state_dict, weight_files
 from merge_hooks.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,3 +294,113 @@ def test_convert_a_merged_folder_keeps_it_verifiable(encoders, tmp_path, capsys)
     assert "pytorch_model.bin" in json.dumps(manifest) and "model.safetensors" not in json.dumps(manifest)
     capsys.readouterr()
     assert run_cli("verify", converted) == 0, capsys.readouterr().out
+
+
+# --- global flags, quiet, one-line errors, pipes -----------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_and_verbose_before_or_after_the_command(where, encoders, tmp_path):
+    merge = ["merge", "--model-type", "encoder", "--models", *encoders, "--weights", "0.5", "0.5"]
+    quiet = ["-q", *merge] if where == "before" else [*merge, "-q"]
+    proc = cli_subprocess(*quiet, "-o", tmp_path / "quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (proc.stdout, proc.stderr) == ("", "")
+    verbose = ["-v", *merge] if where == "before" else [*merge, "-v"]
+    proc = cli_subprocess(*verbose, "-o", tmp_path / "verbose")
+    assert proc.returncode == 0, proc.stderr
+    assert "INFO merge_hooks.pipeline: merging 2 models with the stream engine" in proc.stderr
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'verbose'}")
+
+
+@pytest.mark.parametrize("method", ["mix_models", "mix_models_by_layers"])
+def test_quiet_silences_lm_cocktails_bars(method, encoders, tmp_path):
+    args = ["merge", "--model-type", "encoder", "--method", method, "--models", *encoders, "--weights", "0.5", "0.5",
+            "--engine", "cocktail"]
+    proc = cli_subprocess(*args, "-o", tmp_path / "quiet", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (proc.stdout, proc.stderr) == ("", "")
+    # The control: without -q, bars name each model loaded (transformers 5's anonymous ones stay off).
+    loud = cli_subprocess(*args, "-o", tmp_path / "loud")
+    for path in encoders:
+        assert f"LM_Cocktail loading {path}" in loud.stderr
+    assert "Loading weights" not in loud.stderr
+    assert ("Merging models" in loud.stderr) == (method == "mix_models_by_layers")
+
+
+def test_example_scoring_bar_names_each_model(encoders, tmp_path):
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n1", "n2"]}) + "\n")
+    args = ["merge", "--model-type", "encoder", "--method", "mix_models_with_data", "--models", *encoders,
+            "--examples", examples, "--neg-number", "2"]
+    loud = cli_subprocess(*args, "-o", tmp_path / "loud")
+    assert loud.returncode == 0, loud.stderr
+    for path in encoders:
+        assert f"scoring {path} on the examples" in loud.stderr
+    assert "Loading weights" not in loud.stderr
+    quiet = cli_subprocess(*args, "-o", tmp_path / "quiet", "-q")
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+
+
+def test_with_data_flags_and_seed_are_recorded_and_reproducible(encoders, tmp_path):
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(
+        json.dumps({"query": f"q {i}", "pos": [f"p {i}"], "neg": [f"n {i} {j}" for j in range(3)]}) + "\n" for i in range(3)
+    ))
+    weights = []
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        assert run_cli("merge", "--model-type", "encoder", "--method", "mix_models_with_data", "--models", *encoders,
+                       "--examples", examples, "--temperature", "0.5", "--neg-number", "2", "--batch-size", "3",
+                       "--max-input-length", "64", "--seed", "11", "-o", out, "-q") == 0
+        info = json.loads((out / "merge_info.json").read_text())
+        assert info["seed"] == 11
+        weights.append(info["weights"])
+        recipe = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+        assert {k: recipe[k] for k in ("temperature", "neg_number", "batch_size", "max_input_length", "seed")} == {
+            "temperature": 0.5, "neg_number": 2, "batch_size": 3, "max_input_length": 64, "seed": 11}
+    assert weights[0] == weights[1]
+
+
+def test_models_flag_keeps_the_recipes_weights(encoders, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", encoder_recipe(["a", "b"], tmp_path / "unused"))
+    out = tmp_path / "merged"
+    assert run_cli("merge", recipe, "--models", *encoders, "-o", out, "-q") == 0
+    assert json.loads((out / "merge_info.json").read_text())["weights"] == [0.6, 0.4]
+
+
+def test_bin_with_python_objects_is_one_safe_line(encoders, tmp_path):
+    import torch
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(encoders[0], folder)
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "extra": argparse.Namespace(a=1)}, folder / "pytorch_model.bin")
+    proc = cli_subprocess("merge", "--model-type", "encoder", "--models", folder, encoders[1], "--weights", "0.5", "0.5",
+                          "-o", tmp_path / "merged")
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert "argparse.Namespace" in proc.stderr and "weights_only" not in proc.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+def test_verify_into_head_ends_quietly(encoders):
+    proc = cli_subprocess("verify", encoders[0], shell_tail="head -c 1")
+    assert proc.stderr == "" and proc.stdout == "O"
+
+
+def test_verify_report_has_no_library_warnings(encoders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "extra"
+    shutil.copytree(encoders[0], folder)
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({**state, "surplus.weight": state["pooler.dense.bias"].clone()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    proc = cli_subprocess("verify", folder)
+    assert proc.returncode == 1
+    assert "1 weights in the weights but unused, e.g. surplus.weight" in proc.stdout
+    assert proc.stderr == ""

@@ -180,6 +180,14 @@ def _check_runtime_commands(code: str, workspace: Path) -> None:
             assert len(embedding) > 0 and all(abs(x) < 1e6 for x in embedding)
 
 
+def test_demo_wrote_to_the_cache_not_the_current_folder(workspace):
+    """After the set-up block's ``merge-hooks demo`` (run above with XDG_CACHE_HOME=<workspace>/cache)."""
+    demo = workspace / "cache" / "merge-hooks" / "demo"
+    assert (demo / "merged" / "pytorch_model.bin").is_file() and (demo / "variant" / "model.safetensors").is_file()
+    assert not (workspace / "merge-hooks-demo").exists()
+    assert "/merge-hooks-demo/" in (REPO / ".gitignore").read_text().splitlines()
+
+
 def test_every_flag_in_the_table_exists():
     merge_help = subprocess.run([sys.executable, "-m", "merge_hooks", "merge", "--help"], capture_output=True, text=True,
                                 env=online_env("http://127.0.0.1:9"), check=True).stdout

@@ -10,13 +10,13 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from ..errors import MergeHooksError
 from ..tensors import TensorSource, TensorSpec
 from .. import dtypes
 from ..dtypes import DType
-from ..progress import silenced_tqdm
+from ..progress import loader_progress_bars, silenced_tqdm
 from . import EngineResult, collecting_garbage, written_dtype
 
 if TYPE_CHECKING:
@@ -28,9 +28,10 @@ logger = logging.getLogger(__name__)
 class _LogStream(io.TextIOBase):
     """Receives LM_Cocktail's prints: logs them and keeps them (the weights it chose are only printed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_line: Callable[[str], None]) -> None:
         self.lines: list[str] = []
         self._partial = ""
+        self._on_line = on_line
 
     def write(self, text: str) -> int:
         # print() hands over its arguments and the newline in separate writes: log whole lines only.
@@ -39,6 +40,7 @@ class _LogStream(io.TextIOBase):
             if line.strip():
                 self.lines.append(line.strip())
                 logger.info("LM_Cocktail: %s", line.strip())
+                self._on_line(line.strip())
         return len(text)
 
 
@@ -111,10 +113,23 @@ def run_cocktail(
             weights = compute_weights(
                 model_paths, model_type, examples, temperature=temperature, batch_size=batch_size,
                 max_input_length=max_input_length, neg_number=neg_number, trust_remote_code=trust_remote_code,
+                quiet=quiet,
             )
         method = "mix_models"
-    log = _LogStream()
-    with contextlib.redirect_stdout(log), collecting_garbage(), silenced_tqdm(utils, quiet=quiet):
+    from tqdm.auto import tqdm
+
+    # transformers 5 draws an anonymous bar per model load; this one names the model LM_Cocktail loads.
+    loads = tqdm(total=len(model_paths), unit="model",
+                 disable=quiet, leave=False, dynamic_ncols=True)
+
+    def follow(line: str) -> None:
+        if line.startswith("loading ") and line.endswith("-"):
+            loads.set_description(f"LM_Cocktail loading {line.removeprefix('loading ').rstrip(' -')}")
+            loads.update()
+
+    log = _LogStream(follow)
+    with contextlib.redirect_stdout(log), collecting_garbage(), silenced_tqdm(utils, quiet=quiet), \
+            loader_progress_bars(enabled=False), loads:
         if method == "mix_models":
             model = LM_Cocktail.mix_models(model_paths, model_type, weights, output_path=None)
         elif method == "mix_models_by_layers":

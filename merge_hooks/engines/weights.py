@@ -57,6 +57,7 @@ def compute_weights(
     max_input_length: int,
     neg_number: int,
     trust_remote_code: bool,
+    quiet: bool = True,
 ) -> list[float]:
     """Score every model on ``examples`` with LM_Cocktail's loss and turn the losses into weights.
 
@@ -67,10 +68,14 @@ def compute_weights(
     """
     import torch
     from LM_Cocktail import utils
+    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
+    from ..progress import loader_progress_bars
+
     device = torch.device("cpu")
-    base = utils.load_model(str(model_paths[0]), model_type=model_type, trust_remote_code=trust_remote_code)
+    with loader_progress_bars(enabled=False):
+        base = utils.load_model(str(model_paths[0]), model_type=model_type, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(model_paths[0]), trust_remote_code=trust_remote_code)
     if model_type == "decoder":
         if tokenizer.pad_token_id is None:
@@ -92,8 +97,11 @@ def compute_weights(
         loss_fn = utils.embedder_loss
 
     losses = []
-    with torch.no_grad():
-        for path in model_paths:
+    # One bar naming each model scored, instead of transformers 5's anonymous one per load.
+    scoring = tqdm(model_paths, unit="model", disable=quiet, leave=False, dynamic_ncols=True)
+    with torch.no_grad(), loader_progress_bars(enabled=False), scoring:
+        for path in scoring:
+            scoring.set_description(f"scoring {path} on the examples")
             candidate = utils.load_model(str(path), model_type=model_type, trust_remote_code=trust_remote_code)
             base.load_state_dict(candidate.state_dict())
             del candidate

@@ -299,8 +299,8 @@ def _serialization_id(names: list[str], crcs: list[int]) -> bytes:
     return f"{names_crc:020d}{combined:020d}".encode()
 
 
-def refused_pickle(path: object, error: Exception) -> str:
-    """One line for a pickle file that ``torch.load(weights_only=True)`` refused.
+def refused_pickle(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a pickle file, in one line.
 
     torch's own message runs to many lines and suggests ``weights_only=False``, which would run
     whatever code the file holds; merge-hooks never loads that way.
@@ -308,7 +308,7 @@ def refused_pickle(path: object, error: Exception) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", str(error))
     what = f" such as {found.group(1)}" if found else ""
     return (
-        f"{path} holds Python objects{what} besides tensors, and merge-hooks reads only tensors from pickle files; "
+        f"it holds Python objects{what} besides tensors, and merge-hooks reads only tensors from pickle files; "
         "use a copy of the model saved as safetensors, or a state dict of tensors only"
     )
 
@@ -348,7 +348,7 @@ class TorchReader:
             else:
                 loaded = torch.load(self.path, weights_only=True, map_location="cpu")
         except pickle.UnpicklingError as exc:
-            raise ValueError(refused_pickle(self.path, exc)) from None
+            raise ValueError(f"{self.path}: {refused_pickle(exc)}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{self.path} holds a {type(loaded).__name__}, not a dict of tensors")
         for name, value in loaded.items():
