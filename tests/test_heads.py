@@ -95,7 +95,7 @@ def test_heads_are_read_without_unpickling_code(m3_models, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(m3_models[1], other)
     torch.save({"weight": torch.zeros(1, 32), "bias": torch.zeros(1), "note": object()}, other / "sparse_linear.pt")
-    with pytest.raises(MergeHooksError, match="sparse_linear.pt holds Python objects such as .*object besides tensors"):
+    with pytest.raises(MergeHooksError, match="cannot read .*sparse_linear.pt: it holds Python objects such as .*object besides tensors"):
         merge([m3_models[0], other], "encoder", tmp_path / "merged", weights=WEIGHTS)
 
 

@@ -20,8 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A merge whose writer pauses on every tensor, announcing through a marker file that writing has begun.
 SLOW_MERGE = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+# As in a terminal: Ctrl-C raises KeyboardInterrupt (a background job of a shell starts with SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import merge_hooks.io.safetensors_io as io
 from merge_hooks.tensors import TensorSource
 from merge_hooks.cli import main
