@@ -350,9 +350,10 @@ class TorchReader:
     """Read tensors from one ``torch.save`` file, each as an owned copy.
 
     The file is loaded with ``torch.load(weights_only=True, mmap=True)``, so nothing but tensors
-    can be unpickled and only the tensors that are read get paged in. The mapping is dropped and
-    re-made after :data:`REMAP_AFTER_BYTES` have been read, which keeps peak RSS near that plus
-    twice the tensor being read. Pre-zip (legacy) files cannot be mapped and are loaded whole.
+    can be unpickled and only the tensors that are read get paged in. Tensors (or blocks of their
+    rows) are copied out and the mapped pages let go at once where the system allows it (Linux
+    ``madvise``); the mapping is also dropped and re-made after :data:`REMAP_AFTER_BYTES` have been
+    read, which bounds memory elsewhere. Pre-zip (legacy) files cannot be mapped and are loaded whole.
 
     Example:
         >>> with TorchReader("pytorch_model.bin") as reader:
