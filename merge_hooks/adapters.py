@@ -101,7 +101,7 @@ def merge_lora(
     With ``rows=(start, stop)``, ``weight`` is that block of the weight's rows and only their delta is
     computed (rows of ``B @ A``, or columns where the product is transposed): a product of two or more
     rows has the bits of the same rows of the whole product. DoRA with a transposed delta (embeddings,
-    ``fan_in_fan_out``) needs norms over all rows and is not computed per block (see :func:`needs_whole`).
+    ``fan_in_fan_out``) needs norms over all rows and is not computed per block (see :meth:`Adapter.needs_whole`).
 
     Example:
         >>> merged = merge_lora(base["q_proj.weight"], ad["q_proj.lora_A.weight"], ad["q_proj.lora_B.weight"], scaling=2.0)

@@ -82,6 +82,20 @@ def big_models(tmp_path_factory) -> list[Path]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def big_bin_models(big_models, tmp_path_factory) -> list[Path]:
+    """The same models as ``pytorch_model.bin`` files (read through a file mapping, not with pread)."""
+    root = tmp_path_factory.mktemp("memory-bin-models")
+    paths = []
+    for folder in big_models:
+        target = root / folder.name
+        target.mkdir()
+        torch.save(load_file(str(folder / "model.safetensors")), target / "pytorch_model.bin")
+        (target / "config.json").write_text((folder / "config.json").read_text())
+        paths.append(target)
+    return paths
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -215,3 +229,26 @@ def test_stream_merge_with_an_adapter_stays_in_the_bound(big_models, big_adapter
         for seed, weight in enumerate(WEIGHTS[1:], 1):
             expected.add_(weight * torch.full(SHAPE, _tensor_value(seed, i)))
         assert torch.equal(merged[f"layer{i}.weight"], expected), i
+
+
+@pytest.mark.slow
+def test_stream_merge_of_bin_inputs_stays_in_the_bound(big_bin_models, tmp_path):
+    """``.bin`` inputs are read from a mapping of the file; the pages of each block are let go once copied."""
+    output = tmp_path / "merged"
+    merged_rss, stderr = _run_measured([
+        sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge",
+        "--model-type", "encoder", "--models", *map(str, big_bin_models), "--weights", *map(str, WEIGHTS),
+        "-o", str(output), "--engine", "stream", "--save-format", "safetensors", "-q",
+    ])
+    module_list = tmp_path / "modules.txt"
+    module_list.write_text("\n".join(_imported_modules(stderr)))
+    baseline_rss, _ = _run_measured([sys.executable, "-c", IMPORT_CODE, str(module_list)])
+    used = merged_rss - baseline_rss
+    assert used < BOUND, (
+        f"the merge of .bin inputs used {used / MiB:.0f} MiB above its import baseline, more than "
+        f"{BOUND / MiB:.0f} MiB; one input model is {MODEL_BYTES / MiB:.0f} MiB"
+    )
+    merged = load_file(str(output / "model.safetensors"))
+    assert sorted(merged) == sorted(f"layer{i}.weight" for i in range(N_TENSORS))
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, _expected(name)), name

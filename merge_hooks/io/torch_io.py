@@ -313,13 +313,62 @@ def refused_pickle(error: Exception) -> str:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _madvise():
+    """libc's madvise, or None where there is none (Python's os module only offers it for its own mmap objects)."""
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return function
+
+
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _maps_file(address: int, path: Path) -> bool:
+    """Whether ``address`` lies in a mapping of the file ``path`` (Linux ``/proc/self/maps``): only such
+    pages may be dropped, since they are read back from the file; anonymous memory would come back zeroed."""
+    try:
+        target = os.stat(path)
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                if low <= address < high:
+                    inode = int(fields[4])
+                    return inode == target.st_ino and len(fields) == 6 and Path(fields[5].strip()) == path.resolve()
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _drop_mapped_pages(address: int, nbytes: int) -> None:
+    """Let the kernel take back the pages of a read-only file mapping once they were copied out.
+
+    Pages of the mapping that were read stay resident, and count in the process's RSS, until the
+    mapping goes; dropping them after each block keeps a ``.bin`` merge's memory at its blocks. The
+    file is mapped privately and never written, so a page touched again is read back from the file.
+    """
+    madvise = _madvise()
+    if madvise is None or nbytes <= 0:
+        return
+    start = address - address % _PAGE
+    madvise(start, address + nbytes - start, _MADV_DONTNEED)
+
+
 class TorchReader:
     """Read tensors from one ``torch.save`` file, each as an owned copy.
 
     The file is loaded with ``torch.load(weights_only=True, mmap=True)``, so nothing but tensors
-    can be unpickled and only the tensors that are read get paged in. The mapping is dropped and
-    re-made after :data:`REMAP_AFTER_BYTES` have been read, which keeps peak RSS near that plus
-    twice the tensor being read. Pre-zip (legacy) files cannot be mapped and are loaded whole.
+    can be unpickled and only the tensors that are read get paged in. Tensors (or blocks of their
+    rows) are copied out and the mapped pages let go at once where the system allows it (Linux
+    ``madvise``); the mapping is also dropped and re-made after :data:`REMAP_AFTER_BYTES` have been
+    read, which bounds memory elsewhere. Pre-zip (legacy) files cannot be mapped and are loaded whole.
 
     Example:
         >>> with TorchReader("pytorch_model.bin") as reader:
@@ -334,6 +383,7 @@ class TorchReader:
         if not self._mapped:
             logger.info("%s is a legacy (pre-zip) torch file; loading it whole into memory", self.path)
         self._tensors: Optional[dict[str, torch.Tensor]] = self._load()
+        self._droppable = self._file_mapped()
         self._specs = {
             name: TensorSpec(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in self._tensors.items()
         }
@@ -357,6 +407,13 @@ class TorchReader:
                     f"{self.path}: entry {name!r} is a {type(value).__name__}; expected a flat dict of tensors"
                 )
         return loaded
+
+    def _file_mapped(self) -> bool:
+        """Whether the loaded tensors live in a mapping of the file (see :func:`_drop_mapped_pages`)."""
+        if not self._mapped or _madvise() is None:
+            return False
+        tensor = next((t for t in self._tensors.values() if t.numel()), None)
+        return tensor is not None and _maps_file(tensor.data_ptr(), self.path)
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -389,6 +446,7 @@ class TorchReader:
             self._read_bytes = 0
         if self._tensors is None:
             self._tensors = self._load()
+            self._droppable = self._file_mapped()
         # detach: files saved from nn.Parameters load as Parameters, whose clones would track gradients.
         mapped = self._tensors[name].detach()
         if rows is not None:
@@ -399,6 +457,8 @@ class TorchReader:
             raise ValueError(f"buffer for {name!r} must be a {spec.dtype} tensor of shape {list(shape)}")
         else:
             out.copy_(mapped)
+        if self._droppable and mapped.is_contiguous():
+            _drop_mapped_pages(mapped.data_ptr(), nbytes)
         self._read_bytes += nbytes
         return out
 
