@@ -108,7 +108,7 @@ def _check_pip_line(line: str) -> None:
         for constraints in CONSTRAINTS:
             assert f"torch=={pin}\n" in constraints.read_text(), constraints
         return
-    extras = re.search(r'-e "\.\[([\w,]+)\]"', line).group(1).split(",")
+    extras = re.search(r'-e "\.\[([\w,-]+)\]"', line).group(1).split(",")
     for extra in extras:
         assert extra in PYPROJECT["project"]["optional-dependencies"], extra
     assert (REPO / re.search(r"-c (\S+)", line).group(1)).is_file()
