@@ -133,7 +133,9 @@ GGUF_GOAL_VS_CONVERTER = 4.0
 GGUF_GOAL_VS_SAFETENSORS = 1.5
 GGUF_TYPES = ("f16", "q8_0")
 GGUF_N = {"bert-base": 3, "llama-0.8b": 2}
-LLAMA_SRC = Path("/work/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp")
+# llama.cpp's converter ships in the llama-cpp-python sdist: `pip download --no-deps --no-binary :all:
+# llama-cpp-python==0.3.36`, unpack it, and point LLAMA_CPP_SRC (or --llama-src) at its vendor/llama.cpp.
+LLAMA_SRC = Path(os.environ.get("LLAMA_CPP_SRC", "benchmarks/work/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 GGUF_BEGIN, GGUF_END = "<!-- gguf results: begin -->", "<!-- gguf results: end -->"
 MEMORY_GOAL = 160 * MB
 # LM_Cocktail's imports (sentence-transformers, transformers, accelerate) on top of the models.

@@ -5,7 +5,7 @@
 - ``llama``: a SentencePiece BPE model with byte fallback, converted to ``LlamaTokenizerFast``.
 - ``qwen2``: a byte-level BPE trained with ``tokenizers``, with Qwen2's split pattern.
 
-Run it with stack A (transformers 4.x): ``/work/venv-a/bin/python tests/data/make_gguf_tokenizers.py``;
+Run it with stack A (transformers 4.x): ``python tests/data/make_gguf_tokenizers.py``;
 the converted files load on both stacks.
 """
 
