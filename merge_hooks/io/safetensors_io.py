@@ -274,14 +274,7 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for spec in source.specs:
-            for rows, block in source.blocks(spec):
-                check_tensor(block, spec, rows=rows)
-                data = tensor_bytes(block)
-                f.write(data)
-                del block, data
-                if hasher is not None:
-                    f.flush()
-                    hasher.advance(f.tell())
+            write_blocks(source, spec, f.write, f, hasher)
             if progress is not None:
                 progress(spec.nbytes)
         if hasher is not None:
@@ -289,6 +282,22 @@ def write_safetensors(
             digest = hasher.finish(f.tell())
     logger.debug("wrote %d tensors (%d bytes) to %s", len(source), source.total_bytes, path)
     return digest
+
+
+def write_blocks(source: TensorSource, spec: TensorSpec, write: Callable[[Any], Any], f, hasher) -> None:
+    """Write one tensor's blocks with ``write``, each checked against ``spec``; the file ``f`` is flushed
+    after each so that ``hasher`` (a :class:`TrailingHasher`, or None) follows the writer.
+
+    Shared by the safetensors and ``torch.save`` writers, which differ only in where the bytes go.
+    """
+    for rows, block in source.blocks(spec):
+        check_tensor(block, spec, rows=rows)
+        data = tensor_bytes(block)
+        write(data)
+        del block, data
+        if hasher is not None:
+            f.flush()
+            hasher.advance(f.tell())
 
 
 def _build_header(source: TensorSource, metadata: dict[str, str]) -> bytes:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from ..dtypes import DType
 from ..tensors import TensorSource, TensorSpec
 from .hashing import TrailingHasher
-from .safetensors_io import check_tensor, tensor_bytes
+from .safetensors_io import write_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -268,14 +268,7 @@ def write_torch(
         archive.write("byteorder", b"little")
         for key, spec in enumerate(specs):
             archive.begin(f"data/{key}", spec.nbytes)
-            for rows, block in source.blocks(spec):
-                check_tensor(block, spec, rows=rows)
-                data = tensor_bytes(block)
-                archive.extend(data)
-                del block, data
-                if hasher is not None:
-                    f.flush()
-                    hasher.advance(f.tell())
+            write_blocks(source, spec, archive.extend, f, hasher)
             archive.end()
             if progress is not None:
                 progress(spec.nbytes)
