@@ -122,6 +122,10 @@ class Checkpoint:
             raise TypeError(f"{self.folder} holds {self.format} weights, which are read as torch tensors only")
         return self._reader(self._file_of[name]).get_array(name, out=out, rows=rows)
 
+    def read_elements(self, name: str, start: int, out: "numpy.ndarray") -> "numpy.ndarray":
+        """Elements ``start:start + out.size`` of tensor ``name``, flattened, read into ``out``; safetensors only."""
+        return self._reader(self._file_of[name]).read_elements(name, start, out)
+
     def __contains__(self, name: str) -> bool:
         return name in self.specs
 

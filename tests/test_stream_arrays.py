@@ -69,7 +69,10 @@ def test_weighted_sum_matches_torch(weights):
     [(torch.float32, None), (torch.float32, "bfloat16"), (torch.float32, "float16"),
      (torch.bfloat16, None), (torch.bfloat16, "float32"), (torch.float16, None), (torch.float16, "bfloat16")],
 )
-def test_stream_merge_on_arrays_equals_torch(inputs, output, make_models):
+@pytest.mark.parametrize("piece", [None, 7], ids=["one-piece", "pieces-of-7"])
+def test_stream_merge_on_arrays_equals_torch(inputs, output, piece, make_models, monkeypatch):
+    if piece:  # blocks worked through in many pieces, the last one short
+        monkeypatch.setattr("merge_hooks.engines.stream.PIECE", piece)
     paths = make_models("llama-decoder", 3, dtype=inputs)
     merged = {}
     for arrays in (True, False):

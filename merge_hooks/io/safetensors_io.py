@@ -21,7 +21,7 @@ import numpy as np
 
 from ..dtypes import BY_CODE
 from ..tensors import TensorSource, TensorSpec
-from .hashing import TrailingHasher
+from .hashing import HashingFile
 
 if TYPE_CHECKING:
     import torch
@@ -211,16 +211,31 @@ class SafetensorsReader:
         self._read_into(name, memoryview(out.reshape(-1).view(np.uint8)), rows)
         return out
 
+    def read_elements(self, name: str, start: int, out: np.ndarray) -> np.ndarray:
+        """Read ``out.size`` elements of tensor ``name``, counted in row-major order from element ``start``,
+        into ``out`` (a C-contiguous array of the dtype's ``storage``)."""
+        spec = self._spec(name)
+        if out.dtype != spec.dtype.storage or not out.flags.c_contiguous:
+            raise ValueError(f"buffer for {name!r} must be a C-contiguous {spec.dtype.storage} array")
+        if not 0 <= start <= start + out.size <= spec.numel:
+            raise ValueError(f"elements {start}:{start + out.size} are out of range for tensor {name!r} of shape {list(spec.shape)}")
+        offset = self._ranges[name][0] + start * spec.dtype.itemsize
+        self._pread(name, memoryview(out.reshape(-1).view(np.uint8)), offset)
+        return out
+
     def _read_into(self, name: str, view: memoryview, rows: Optional[tuple[int, int]]) -> None:
-        # Hand-written because safetensors has no pread-based reader and safe_open mmaps the file.
-        start, end = self._ranges[name]
+        start = self._ranges[name][0]
         if rows is not None:
             spec = self._specs[name]
             row_bytes = spec.nbytes // spec.shape[0] if spec.shape[0] else 0
-            start, end = start + rows[0] * row_bytes, start + rows[1] * row_bytes
+            start += rows[0] * row_bytes
+        self._pread(name, view, start)
+
+    def _pread(self, name: str, view: memoryview, offset: int) -> None:
+        # Hand-written because safetensors has no pread-based reader and safe_open mmaps the file.
         done = 0
-        while done < end - start:
-            n = os.preadv(self._file.fileno(), [view[done:]], start + done)
+        while done < view.nbytes:
+            n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
             if not n:
                 raise ValueError(f"{self.path}: truncated while reading tensor {name!r}")
             done += n
@@ -241,7 +256,7 @@ def write_safetensors(
     *,
     metadata: Optional[dict[str, str]] = None,
     progress: Optional[Callable[[int], object]] = None,
-    sha256: bool = False,
+    digest: bool = False,
 ) -> Optional[str]:
     """Write ``source`` as a safetensors file, holding one block of rows in memory at a time.
 
@@ -254,10 +269,10 @@ def write_safetensors(
         source: the tensors to write, in file order.
         metadata: strings stored in ``__metadata__``, on top of ``{"format": "pt"}``.
         progress: called with each tensor's byte count once it is written (e.g. ``tqdm.update``).
-        sha256: also hash the file while writing it (see :class:`~merge_hooks.io.hashing.TrailingHasher`).
+        digest: also hash the file while writing it (see :class:`~merge_hooks.io.hashing.HashingFile`).
 
     Returns:
-        The file's hex sha256 when ``sha256`` is set, else None.
+        The file's hex digest (:data:`~merge_hooks.io.hashing.ALGORITHM`) when ``digest`` is set, else None.
 
     Raises:
         ValueError: a tensor name repeats or is reserved, a dtype has no safetensors code, a
@@ -269,24 +284,20 @@ def write_safetensors(
         >>> write_safetensors("model.safetensors", source, metadata={"merged_by": "merge-hooks"})
     """
     header_bytes = _build_header(source, {"format": "pt", **(metadata or {})})
-    digest = None
-    with open(path, "wb") as f, (TrailingHasher(path) if sha256 else contextlib.nullcontext()) as hasher:
+    with open(path, "wb") as raw, (HashingFile(raw) if digest else contextlib.nullcontext(raw)) as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for spec in source.specs:
-            write_blocks(source, spec, f.write, f, hasher)
+            write_blocks(source, spec, f.write)
             if progress is not None:
                 progress(spec.nbytes)
-        if hasher is not None:
-            f.flush()
-            digest = hasher.finish(f.tell())
+        hexdigest = f.hexdigest() if digest else None
     logger.debug("wrote %d tensors (%d bytes) to %s", len(source), source.total_bytes, path)
-    return digest
+    return hexdigest
 
 
-def write_blocks(source: TensorSource, spec: TensorSpec, write: Callable[[Any], Any], f, hasher) -> None:
-    """Write one tensor's blocks with ``write``, each checked against ``spec``; the file ``f`` is flushed
-    after each so that ``hasher`` (a :class:`TrailingHasher`, or None) follows the writer.
+def write_blocks(source: TensorSource, spec: TensorSpec, write: Callable[[Any], Any]) -> None:
+    """Write one tensor's blocks with ``write``, each checked against ``spec`` and dropped once written.
 
     Shared by the safetensors and ``torch.save`` writers, which differ only in where the bytes go.
     """
@@ -295,9 +306,6 @@ def write_blocks(source: TensorSource, spec: TensorSpec, write: Callable[[Any], 
         data = tensor_bytes(block)
         write(data)
         del block, data
-        if hasher is not None:
-            f.flush()
-            hasher.advance(f.tell())
 
 
 def _build_header(source: TensorSource, metadata: dict[str, str]) -> bytes:
