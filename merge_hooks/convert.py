@@ -48,7 +48,7 @@ def _refresh_provenance(
     """A converted merge output describes what convert wrote: merge info, recipe, card and manifest.
 
     The recipe's output becomes ``location`` with the new format and dtype, so ``verify --against`` on
-    the converted folder recomputes what it holds. ``digests`` holds the sha256 of the ``written``
+    the converted folder recomputes what it holds. ``digests`` holds the digests of the ``written``
     weight files the format hashed while writing them.
     """
     info_path = directory / INFO_NAME

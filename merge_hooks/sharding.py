@@ -60,8 +60,8 @@ def write_sharded(
 ) -> list[Path]:
     """Write ``source`` as one file or as shards plus an index; return the paths written.
 
-    ``write_file(path, shard, sha256)`` writes one file and, when ``sha256`` is true, returns its sha256,
-    which is recorded in ``digests`` (when given).
+    ``write_file(path, shard, digest)`` writes one file and, when ``digest`` is true, returns its hex
+    digest (:data:`~merge_hooks.io.hashing.ALGORITHM`), which is recorded in ``digests`` (when given).
     """
     plan = plan_shards(source, weights_name=weights_name, max_shard_size=max_shard_size)
     written = []

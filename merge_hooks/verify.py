@@ -4,7 +4,7 @@ Checks, each reported as a problem rather than raised, so one run lists everythi
 
 - weights: every index names only existing shards, every tensor of every shard is in the index,
   every tensor can be read; where ``safetensors`` and ``.bin`` lie side by side they hold the same tensors;
-- manifest (``merge_manifest.json``, when present): every listed file exists with its size and sha256,
+- manifest (``merge_manifest.json``, when present): every listed file exists with its size and digest,
   and no file is unlisted;
 - bge-m3 heads (when present): both files, readable with ``weights_only=True``, shaped for the model;
 - loaders: transformers (the Auto class of the config's architecture, missing or unexpected weights
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from .card import MANIFEST_NAME, MergeInfo, folder_files, read_manifest, sha256_file
+from .card import MANIFEST_NAME, MergeInfo, folder_files, read_manifest
+from .io.hashing import hash_file
 from .checkpoint import BIN_NAME, SAFETENSORS_NAME, Checkpoint
 from .errors import MergeHooksError
 from .heads import COLBERT_FILE, HEAD_FILES, SPARSE_FILE, heads_present, load_head
@@ -79,7 +80,7 @@ def verify_folder(
     Args:
         against: a recipe whose inputs are merged again for a sample of tensors, compared bit for bit.
         loaders: load the model with transformers, sentence-transformers and FlagEmbedding where they apply.
-        hashes: compare sha256 with the manifest (sizes and presence are always compared).
+        hashes: compare digests with the manifest (sizes and presence are always compared).
         trust_remote_code: let transformers run the folder's custom code (otherwise such folders are not loaded).
 
     Example:
@@ -141,13 +142,14 @@ def _check_config(folder: Path, report: VerifyReport) -> Optional[dict]:
 
 def _check_manifest(folder: Path, report: VerifyReport, *, hashes: bool) -> None:
     try:
-        listed = read_manifest(folder)
+        manifest = read_manifest(folder)
     except ValueError as exc:
         report.problems.append(str(exc))
         return
-    if listed is None:
+    if manifest is None:
         report.notes.append(f"no {MANIFEST_NAME}: file sizes and hashes not checked")
         return
+    algorithm, listed = manifest
     problems = []
     for name, entry in sorted(listed.items()):
         path = folder / name
@@ -157,14 +159,14 @@ def _check_manifest(folder: Path, report: VerifyReport, *, hashes: bool) -> None
             problems.append(f"{name} is listed in {MANIFEST_NAME} but missing")
         elif path.stat().st_size != entry["size"]:
             problems.append(f"{name} has {path.stat().st_size} bytes, {MANIFEST_NAME} says {entry['size']}")
-        elif hashes and sha256_file(path) != entry["sha256"]:
-            problems.append(f"{name} does not match its sha256 in {MANIFEST_NAME} (the file changed or is corrupt)")
+        elif hashes and hash_file(path, algorithm) != entry[algorithm]:
+            problems.append(f"{name} does not match its {algorithm} in {MANIFEST_NAME} (the file changed or is corrupt)")
     # Hidden files are what git, the Hub and caches add beside a model (.gitattributes, .cache/).
     unlisted = [n for n in folder_files(folder) if n not in listed and not any(p.startswith(".") for p in n.split("/"))]
     problems += [f"{name} is not listed in {MANIFEST_NAME}" for name in unlisted]
     report.problems += problems
     if not problems:
-        what = "sizes and sha256" if hashes else "sizes"
+        what = f"sizes and {algorithm}" if hashes else "sizes"
         report.passed.append(f"{len(listed)} files match {MANIFEST_NAME} ({what})")
 
 

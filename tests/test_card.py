@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from importlib.metadata import version
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from blake3 import blake3
 
 from helpers import FAMILY, cli_subprocess, merge, merge_in_subprocess
 from merge_hooks.card import MANIFEST_NAME, hash_files, write_manifest
@@ -64,7 +64,7 @@ def test_recipe_and_info_are_written(make_models, tmp_path):
     assert info["models"] == [str(p) for p in paths] and info["m3_heads"] is False
 
 
-def test_manifest_lists_every_other_file_with_its_sha256(make_models, tmp_path):
+def test_manifest_lists_every_other_file_with_its_digest(make_models, tmp_path):
     paths = make_models("xlmr-m3", 2, pooling="cls")
     out = tmp_path / "merged"
     merge(paths, "encoder", out, weights=WEIGHTS, save_format="both", max_shard_size="40KB")
@@ -75,7 +75,8 @@ def test_manifest_lists_every_other_file_with_its_sha256(make_models, tmp_path):
             "1_Pooling/config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"} <= set(manifest["files"])
     for name, entry in manifest["files"].items():
         data = on_disk[name].read_bytes()
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+        assert entry == {"size": len(data), "blake3": blake3(data).hexdigest()}, name
+    assert manifest["algorithm"] == "blake3"
 
 
 def test_with_data_records_the_computed_weights(make_models, tmp_path):
@@ -122,8 +123,8 @@ def test_write_manifest_reuses_hashes_of_unchanged_files(tmp_path, monkeypatch):
     (tmp_path / "sub" / "config.json").write_text("{}")
     hashed = hash_files([tmp_path / "weights.bin"], root=tmp_path)
     read = []
-    real = card.sha256_file
-    monkeypatch.setattr(card, "sha256_file", lambda path: read.append(Path(path).name) or real(path))
+    real = card.hash_file
+    monkeypatch.setattr(card, "hash_file", lambda path, *a: read.append(Path(path).name) or real(path, *a))
     write_manifest(tmp_path, hashed=hashed)
     assert read == ["config.json"]
 
@@ -131,7 +132,7 @@ def test_write_manifest_reuses_hashes_of_unchanged_files(tmp_path, monkeypatch):
     read.clear()
     files = json.loads(write_manifest(tmp_path, hashed=hashed).read_text())["files"]
     assert sorted(read) == ["config.json", "weights.bin"]
-    assert files["weights.bin"] == {"size": 1001, "sha256": hashlib.sha256(b"v" * 1001).hexdigest()}
+    assert files["weights.bin"] == {"size": 1001, "blake3": blake3(b"v" * 1001).hexdigest()}
     assert set(files) == {"weights.bin", "sub/config.json"}
 
 
@@ -219,4 +220,4 @@ def test_convert_rewrites_card_recipe_info_and_manifest(save_format, dtype, make
     assert f"SentenceTransformer({str(folder)!r})" in body and str(out) + "'" not in body
     replay = cli_subprocess(*_card_verify_command(folder), cwd=tmp_path)
     assert replay.returncode == 0, replay.stdout
-    assert "equal the recipe's merge bit for bit" in replay.stdout and "sha256" in replay.stdout
+    assert "equal the recipe's merge bit for bit" in replay.stdout and "sizes and blake3" in replay.stdout

@@ -429,8 +429,8 @@ def test_verify_never_opens_manifest_entries_outside_the_folder(scratch, capsys)
     secret.write_bytes(b"x" * 12345)
     manifest_path = scratch / "merged" / "merge_manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["../../secret.bin"] = {"size": 1, "sha256": "0" * 64}
-    manifest["files"][str(secret)] = {"size": 1, "sha256": "0" * 64}
+    manifest["files"]["../../secret.bin"] = {"size": 1, "blake3": "0" * 64}
+    manifest["files"][str(secret)] = {"size": 1, "blake3": "0" * 64}
     manifest_path.write_text(json.dumps(manifest))
     capsys.readouterr()
     assert run_cli("verify", "merged") == 1

@@ -72,7 +72,7 @@ def test_merged_folders_pass_and_match_their_recipe(case, merged, capsys, STACK)
     code, out = verify(capsys, folder, "--against", folder / "merge_recipe.yaml")
     assert code == 0, out
     assert out.startswith(f"OK: {folder}")
-    assert "files match merge_manifest.json (sizes and sha256)" in out
+    assert "files match merge_manifest.json (sizes and blake3)" in out
     assert "loads with transformers" in out and "no missing or unexpected weights" in out
     assert "equal the recipe's merge bit for bit" in out
     if CASES[case][1] == "encoder":
@@ -146,20 +146,39 @@ def test_corrupted_tensor_data_fails_the_manifest_hash(broken, capsys):
     (folder / "pytorch_model.bin").write_bytes(bytes(data))
     code, out = verify(capsys, folder)
     assert code == 1
-    assert "pytorch_model.bin does not match its sha256 in merge_manifest.json" in out
+    assert "pytorch_model.bin does not match its blake3 in merge_manifest.json" in out
+
+
+def test_sha256_manifests_of_earlier_versions_still_verify(broken, capsys):
+    import hashlib
+
+    folder = broken("encoder-safetensors")
+    manifest = json.loads((folder / "merge_manifest.json").read_text())
+    files = {name: {"size": entry["size"], "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
+             for name, entry in manifest["files"].items()}
+    (folder / "merge_manifest.json").write_text(json.dumps({"algorithm": "sha256", "files": files}))
+    code, out = verify(capsys, folder)
+    assert code == 0 and "files match merge_manifest.json (sizes and sha256)" in out
+    files["config.json"]["sha256"] = "0" * 64
+    (folder / "merge_manifest.json").write_text(json.dumps({"algorithm": "sha256", "files": files}))
+    code, out = verify(capsys, folder)
+    assert code == 1 and "config.json does not match its sha256 in merge_manifest.json" in out
+    (folder / "merge_manifest.json").write_text(json.dumps({"algorithm": "md5", "files": files}))
+    code, out = verify(capsys, folder)
+    assert code == 1 and "names the digest algorithm 'md5'" in out
 
 
 def test_tampered_manifest(broken, capsys):
     folder = broken("encoder-safetensors")
     manifest = json.loads((folder / "merge_manifest.json").read_text())
-    manifest["files"]["config.json"]["sha256"] = "0" * 64
+    manifest["files"]["config.json"]["blake3"] = "0" * 64
     manifest["files"]["vocab.txt"]["size"] += 1
     del manifest["files"]["tokenizer.json"]
-    manifest["files"]["extra.safetensors"] = {"size": 1, "sha256": "0" * 64}
+    manifest["files"]["extra.safetensors"] = {"size": 1, "blake3": "0" * 64}
     (folder / "merge_manifest.json").write_text(json.dumps(manifest))
     code, out = verify(capsys, folder)
     assert code == 1
-    assert "config.json does not match its sha256" in out
+    assert "config.json does not match its blake3" in out
     assert "vocab.txt has" in out and "merge_manifest.json says" in out
     assert "tokenizer.json is not listed in merge_manifest.json" in out
     assert "extra.safetensors is listed in merge_manifest.json but missing" in out
@@ -224,7 +243,7 @@ def test_head_of_the_wrong_shape(broken, capsys):
     code, out = verify(capsys, folder)
     assert code == 1
     assert "colbert_linear.pt has weight [32, 16] and bias [32]; expected [32, 32] and [32] for hidden_size 32" in out
-    assert f"merge_manifest.json says {listed['size']}" in out or "colbert_linear.pt does not match its sha256" in out
+    assert f"merge_manifest.json says {listed['size']}" in out or "colbert_linear.pt does not match its blake3" in out
 
 
 def test_missing_folder_is_a_user_error(tmp_path, capsys):

@@ -17,8 +17,8 @@ WEIGHTS_NAME = "pytorch_model.bin"
 def _write(source, directory: Path, options: WriteOptions) -> list[Path]:
     from ..io.torch_io import write_torch
 
-    def write_file(path: Path, shard, sha256: bool):
-        return write_torch(path, shard, progress=options.progress, sha256=sha256)
+    def write_file(path: Path, shard, digest: bool):
+        return write_torch(path, shard, progress=options.progress, digest=digest)
 
     return write_sharded(source, directory, weights_name=WEIGHTS_NAME, max_shard_size=options.max_shard_size,
                          write_file=write_file, digests=options.digests)

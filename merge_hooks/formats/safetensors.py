@@ -13,9 +13,9 @@ WEIGHTS_NAME = "model.safetensors"
 def _write(source, directory: Path, options: WriteOptions) -> list[Path]:
     from ..io.safetensors_io import write_safetensors
 
-    def write_file(path: Path, shard, sha256: bool):
+    def write_file(path: Path, shard, digest: bool):
         metadata = {"format": "pt", **options.metadata}
-        return write_safetensors(path, shard, metadata=metadata, progress=options.progress, sha256=sha256)
+        return write_safetensors(path, shard, metadata=metadata, progress=options.progress, digest=digest)
 
     return write_sharded(source, directory, weights_name=WEIGHTS_NAME, max_shard_size=options.max_shard_size,
                          write_file=write_file, digests=options.digests)

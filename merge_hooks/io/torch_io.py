@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from ..dtypes import DType
 from ..tensors import TensorSource, TensorSpec
-from .hashing import TrailingHasher
+from .hashing import HashingFile
 from .safetensors_io import write_blocks
 
 if TYPE_CHECKING:
@@ -225,7 +225,7 @@ def write_torch(
     source: TensorSource,
     *,
     progress: Optional[Callable[[int], object]] = None,
-    sha256: bool = False,
+    digest: bool = False,
 ) -> Optional[str]:
     """Write ``source`` as a ``torch.save`` archive of ``{name: tensor}``, one block of rows in memory at a time.
 
@@ -238,10 +238,10 @@ def write_torch(
         path: the file to create (overwritten if it exists).
         source: the tensors to write, in file order.
         progress: called with each tensor's byte count once it is written (e.g. ``tqdm.update``).
-        sha256: also hash the file while writing it (see :class:`~merge_hooks.io.hashing.TrailingHasher`).
+        digest: also hash the file while writing it (see :class:`~merge_hooks.io.hashing.HashingFile`).
 
     Returns:
-        The file's hex sha256 when ``sha256`` is set, else None.
+        The file's hex digest (:data:`~merge_hooks.io.hashing.ALGORITHM`) when ``digest`` is set, else None.
 
     Raises:
         ValueError: a tensor name repeats, or the source returned a tensor or block whose dtype or
@@ -258,8 +258,7 @@ def write_torch(
     if len(set(names)) != len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"tensor names must be unique; repeated: {repeated}")
-    digest = None
-    with open(path, "wb") as f, (TrailingHasher(path) if sha256 else contextlib.nullcontext()) as hasher:
+    with open(path, "wb") as raw, (HashingFile(raw) if digest else contextlib.nullcontext(raw)) as f:
         archive = _ArchiveWriter(f, archive_name(path))
         # The small records torch.save writes before the data, in its order.
         archive.write("data.pkl", pickle_state_dict(specs))
@@ -268,18 +267,16 @@ def write_torch(
         archive.write("byteorder", b"little")
         for key, spec in enumerate(specs):
             archive.begin(f"data/{key}", spec.nbytes)
-            write_blocks(source, spec, archive.extend, f, hasher)
+            write_blocks(source, spec, archive.extend)
             archive.end()
             if progress is not None:
                 progress(spec.nbytes)
         archive.write("version", b"3\n")
         archive.write(".data/serialization_id", _serialization_id(names, archive.crcs))
         archive.finish()
-        if hasher is not None:
-            f.flush()
-            digest = hasher.finish(f.tell())
+        hexdigest = f.hexdigest() if digest else None
     logger.debug("wrote %d tensors (%d bytes) to %s", len(specs), source.total_bytes, path)
-    return digest
+    return hexdigest
 
 
 def _serialization_id(names: list[str], crcs: list[int]) -> bytes:
