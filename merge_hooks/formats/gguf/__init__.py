@@ -65,6 +65,7 @@ def _write(source, directory: Path, options: WriteOptions) -> list[Path]:
         max_shard_size=options.max_shard_size,
         base_models=[Path(options.model_dir).name],
         progress=options.progress,
+        digests=options.digests,
     )
 
 
