@@ -36,6 +36,10 @@ Q8_0_BLOCK_BYTES = 34
 # roundf(v) == trunc(|v| + HALF_DOWN) with v's sign, for |v| < 256 (q8_0 values stay within 127).
 HALF_DOWN = np.float32(0.5) - np.float32(2.0**-25)
 
+_SMALLEST_NORMAL = np.float32(2.0**-126)
+_SMALLEST_AMAX_BITS = int((_SMALLEST_NORMAL * np.float32(127)).view(np.uint32))  # 127 * 2**-126, exact
+_INFINITY_BITS = 0x7F800000
+
 _BYTES_PER_ELEMENT = {"F32": 4, "F16": 2, "BF16": 2}
 # Stored dtype -> the GGUF type whose bytes are the same: such arrays are written as they come.
 SAME_BYTES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -113,7 +117,8 @@ class Encoder:
         if self.stored == "float32":
             np.copyto(bits, chunk.view(np.uint32))
         elif self.stored == "bfloat16":
-            np.left_shift(chunk, 16, out=bits, dtype=np.uint32)  # a bfloat16 is the top half of its float32
+            np.copyto(bits, chunk)  # a bfloat16 is the top half of its float32
+            np.left_shift(bits, 16, out=bits)
         elif self.stored == "float16":
             self._widen_f16(chunk, bits)
         else:
@@ -200,7 +205,7 @@ class Encoder:
         magnitude = self._buffer("magnitude", np.uint32, chunk.size)
         np.bitwise_and(bits, 0x7FFFFFFF, out=magnitude)
         # The largest |x| of each block, compared as bits (the same order as the values, NaN above all).
-        amax = np.maximum.reduceat(magnitude, self._block_starts[:chunk.size // Q8_0_BLOCK]).view(np.float32)
+        amax = np.maximum.reduceat(magnitude, self._block_starts[:chunk.size // Q8_0_BLOCK])
         self._q8_0(bits, magnitude, amax, out)
 
     def _q8_0_from_bf16(self, chunk: np.ndarray, out: np.ndarray) -> None:
@@ -212,25 +217,27 @@ class Encoder:
         for distance in (16, 8, 4, 2, 1):
             np.maximum(top[:-distance], top[distance:], out=other[:-distance])
             top, other = other, top
-        amax = (top[::Q8_0_BLOCK].astype(np.uint32) << 16).view(np.float32)
+        amax = top[::Q8_0_BLOCK].astype(np.uint32) << 16
         bits = self._float32_bits(chunk)
         magnitude = self._buffer("magnitude", np.uint32, chunk.size)
         np.bitwise_and(bits, 0x7FFFFFFF, out=magnitude)
         self._q8_0(bits, magnitude, amax, out)
 
     def _q8_0(self, bits: np.ndarray, magnitude: np.ndarray, amax: np.ndarray, out: np.ndarray) -> None:
-        """Q8_0 blocks into ``out`` from the float32 ``bits``, their ``magnitude`` bits (overwritten) and ``amax``."""
+        """Q8_0 blocks into ``out`` from the float32 ``bits``, their ``magnitude`` bits (overwritten) and the
+        bits of each block's largest magnitude, ``amax``."""
         blocks = amax.size
-        d = amax / np.float32(127)
-        if not np.isfinite(amax).all() or np.any((d != 0) & (d < np.float32(2.0**-126))):
-            # An infinity or NaN, or a scale whose inverse overflows: gguf-py's own arithmetic for these.
+        # Every block is 0 or has a normal float32 scale (amax >= 127 * 2**-126) and no infinity or NaN;
+        # else gguf-py's own arithmetic, for this chunk.
+        if amax.max() >= _INFINITY_BITS or (amax - np.uint32(1)).min() < _SMALLEST_AMAX_BITS - 1:
             import gguf
 
             values = bits.view(np.float32).reshape(blocks, Q8_0_BLOCK)
             out[:] = gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0).reshape(-1)
             return
-        inverse = np.zeros_like(d)
-        np.divide(np.float32(1), d, out=inverse, where=d != 0)
+        d = amax.view(np.float32) / np.float32(127)
+        # gguf-py's 1 / d, with 0 for d == 0; any finite inverse does there, as those blocks hold only zeros.
+        inverse = np.float32(1) / np.maximum(d, _SMALLEST_NORMAL)
         scaled = magnitude.view(np.float32)
         spread = self._buffer("spread", np.float32, bits.size).reshape(blocks, Q8_0_BLOCK)
         np.copyto(spread, inverse[:, None])
