@@ -276,7 +276,9 @@ def write_gguf(
     vocab = export_vocab(model_dir, vocab_size=embedding.shape[0],
                          token_type_count=None if family.decoder else config.get("type_vocab_size", 1))
     path = Path(directory) / gguf_file_name(output_name, gguf_type)
-    writer = gguf.GGUFWriter(path, family.arch, split_max_size=max_shard_size)
+    # gguf-py warns that a model "fails split requirements" when it fits in one file: ask for splits only when needed.
+    split = max_shard_size if max_shard_size and sum(p.nbytes for p in planned) > max_shard_size else 0
+    writer = gguf.GGUFWriter(path, family.arch, split_max_size=split)
     try:
         _metadata(writer, family, config, gguf_type=gguf_type, name=output_name,
                   base_models=base_models or [], pooling=pooling_type(family, model_dir))
