@@ -458,6 +458,35 @@ def test_small_blocks_write_the_same_file_as_whole_tensors(merged, tmp_path, fam
     assert ours == theirs
 
 
+def test_failures_while_streaming_reach_the_caller(merged, tmp_path, monkeypatch):
+    """A block the merge cannot produce, or one the conversion thread cannot write, stops the write with its error."""
+    from merge_hooks.formats.gguf import quants
+    from merge_hooks.formats.gguf.writer import write_gguf
+
+    folder = merged("llama", "q8_0")
+    config = json.loads((folder / "config.json").read_text())
+    checkpoint, source = _block_source(folder, 3 * 1024)
+    rows = source.rows
+
+    def failing_rows(name, start, stop):
+        if name.endswith("layers.1.mlp.up_proj.weight") and start > 0:
+            raise RuntimeError("merge failed")
+        return rows(name, start, stop)
+
+    with checkpoint:
+        source.rows = failing_rows
+        with pytest.raises(RuntimeError, match="merge failed"):
+            write_gguf(source, tmp_path, model_dir=folder, config=config, output_name="a", gguf_type="q8_0")
+        source.rows = rows
+
+        def failing_pieces(self, array):
+            raise OSError("no space left on device")
+
+        monkeypatch.setattr(quants.Encoder, "pieces", failing_pieces)
+        with pytest.raises(OSError, match="no space left"):
+            write_gguf(source, tmp_path, model_dir=folder, config=config, output_name="b", gguf_type="q8_0")
+
+
 def test_every_merged_model_is_a_base_model(merged, tmp_path):
     from merge_hooks.formats import WriteOptions, get_format
     from merge_hooks.formats.gguf import base_model_name

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -184,8 +185,10 @@ def _align(f, alignment: int) -> None:
 
 
 def _write_tensor(source: TensorSource, spec: TensorSpec, tensor: PlannedTensor, f, encoders: dict,
-                  config: dict, *, alignment: int, hasher=None, progress: Optional[Callable[[int], None]] = None) -> None:
-    """One tensor's data at the end of ``f`` (aligned, padded), block by block."""
+                  config: dict, *, alignment: int, behind, hasher=None,
+                  progress: Optional[Callable[[int], None]] = None) -> None:
+    """One tensor's data at the end of ``f`` (aligned, padded), block by block; each block is converted and
+    written by the executor ``behind`` while the merge computes the next one."""
     import numpy as np
 
     from .quants import SAME_BYTES, Encoder
@@ -203,14 +206,23 @@ def _write_tensor(source: TensorSource, spec: TensorSpec, tensor: PlannedTensor,
     key = (stored, tensor.qtype.name)
     if not as_is and key not in encoders:
         encoders[key] = Encoder(*key)  # its scratch arrays serve every tensor of the same kind
-    _align(f, alignment)
-    start = f.tell()
-    for rows in written_rows(merged(), tensor.transform, spec.shape, spec.dtype, config):
+
+    def write(rows) -> None:
         for piece in [rows] if as_is else encoders[key].pieces(rows):
             f.write(np.ascontiguousarray(piece).data)
         if hasher is not None:
             f.flush()
             hasher.advance(f.tell())
+
+    _align(f, alignment)
+    start = f.tell()
+    writing = None
+    for rows in written_rows(merged(), tensor.transform, spec.shape, spec.dtype, config):
+        if writing is not None:
+            writing.result()  # one block in flight: memory stays at a block or two
+        writing = behind.submit(write, rows)
+    if writing is not None:
+        writing.result()
     written = f.tell() - start
     if written != tensor.nbytes:
         raise AssertionError(f"{tensor.name}: {written} bytes written, {tensor.nbytes} declared")
@@ -296,10 +308,13 @@ def write_gguf(
         encoders: dict = {}
         with contextlib.ExitStack() as stack:
             hashers = [stack.enter_context(TrailingHasher(p)) for p in paths] if digests is not None else None
+            # numpy lets go of the GIL in its loops: converting one block in this thread overlaps merging the next.
+            behind = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-hooks-gguf"))
             for tensor in planned:
                 split = split_of[tensor.name]
                 _write_tensor(source, specs[tensor.hf_name], tensor, writer.fout[split], encoders, config,
-                              alignment=writer.data_alignment, hasher=hashers and hashers[split], progress=progress)
+                              alignment=writer.data_alignment, behind=behind, hasher=hashers and hashers[split],
+                              progress=progress)
             for f, split_path, hasher in zip(writer.fout, paths, hashers or []):
                 f.flush()
                 digests[split_path] = hasher.finish(f.tell())
