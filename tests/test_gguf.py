@@ -418,7 +418,7 @@ def test_transforms_on_row_blocks_match_whole_tensors(transform_name, shape):
         cuts = np.cumsum(sizes)
         blocks = [b for b in np.split(tensor, cuts[cuts < shape[0]]) if b.size]
         copies = [b.copy() for b in blocks]
-        rows = list(written_rows(iter(blocks), transform, shape, float32, config))
+        rows = list(written_rows(iter(blocks), transform, shape=shape, dtype=float32, config=config))
         assert np.array_equal(np.concatenate(rows), expected), sizes
         assert all(np.array_equal(b, c) for b, c in zip(blocks, copies))  # blocks are shared: never modified
 

@@ -141,14 +141,19 @@ def _as_float32(array, dtype: DType):
     return array.astype(np.float32, copy=False)
 
 
-def written_rows(blocks: Iterator[Any], transform: Optional[Transform], shape: tuple[int, ...], dtype: DType,
+def written_rows(blocks: Iterator[Any], transform: Optional[Transform], *, shape: tuple[int, ...], dtype: DType,
                  config: dict) -> Iterator[Any]:
-    """The row blocks of one tensor as they are written: ``transform`` applied to the merged ``blocks``.
+    """The row blocks of one tensor as they are written: ``transform`` applied to the merged ``blocks``
+    (numpy arrays of the tensor of ``shape`` and ``dtype``, in row order).
 
     Leading rows are dropped across block boundaries; rows that a reordering needs together (a head)
     are held back until the rest of their group arrives, so at most one block plus one group is held.
     Blocks are never modified in place (writers may share them). With a ``values`` transform the
     blocks come out as float32.
+
+    Example:
+        >>> rows = written_rows(iter(blocks), PERMUTE_K, shape=(256, 2048), dtype=bfloat16, config=config)
+        >>> np.concatenate(list(rows)) == PERMUTE_K.apply(np.concatenate(blocks), config)
     """
     import numpy as np
 
@@ -217,7 +222,7 @@ def _write_tensor(source: TensorSource, spec: TensorSpec, tensor: PlannedTensor,
     _align(f, alignment)
     start = f.tell()
     writing = None
-    for rows in written_rows(merged(), tensor.transform, spec.shape, spec.dtype, config):
+    for rows in written_rows(merged(), tensor.transform, shape=spec.shape, dtype=spec.dtype, config=config):
         if writing is not None:
             writing.result()  # one block in flight: memory stays at a block or two
         writing = behind.submit(write, rows)
