@@ -153,7 +153,8 @@ def written_rows(blocks: Iterator[Any], transform: Optional[Transform], *, shape
 
     Example:
         >>> rows = written_rows(iter(blocks), PERMUTE_K, shape=(256, 2048), dtype=bfloat16, config=config)
-        >>> np.concatenate(list(rows)) == PERMUTE_K.apply(np.concatenate(blocks), config)
+        >>> np.array_equal(np.concatenate(list(rows)), PERMUTE_K.apply(np.concatenate(blocks), config))
+        True
     """
     import numpy as np
 
