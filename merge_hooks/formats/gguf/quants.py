@@ -151,7 +151,7 @@ class Encoder:
     def _f16_from_bf16(self, chunk: np.ndarray, out: np.ndarray) -> None:
         half = out.view(np.uint16)
         sign = self._buffer("test16", np.uint16, chunk.size)
-        # Exponent - 112 and mantissa in place: (bits << 3) - (112 << 10 << 3) modulo 2**16, then the sign.
+        # Exponent - 112 and mantissa in place: (bits << 3) - (112 << 10) modulo 2**16, then the sign.
         np.left_shift(chunk, 3, out=half)
         np.subtract(half, 0xC000, out=half)
         np.bitwise_and(chunk, 0x8000, out=sign)

@@ -226,6 +226,8 @@ def _write_tensor(source: TensorSource, spec: TensorSpec, tensor: PlannedTensor,
     for rows in written_rows(merged(), tensor.transform, shape=spec.shape, dtype=spec.dtype, config=config):
         if writing is not None:
             writing.result()  # one block in flight: memory stays at a block or two
+        # The merge makes a new array for every block it hands out (the tee keeps blocks too), so this one
+        # stays as it is while the next is computed.
         writing = behind.submit(write, rows)
     if writing is not None:
         writing.result()
