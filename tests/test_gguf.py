@@ -334,6 +334,260 @@ def test_verify_reads_every_tensor_and_finds_a_truncated_file(merged, tmp_path):
     assert any("merged-F16.gguf" in problem for problem in report.problems), report.problems
 
 
+# --- conversions and streaming: gguf-py's bytes, from row blocks ----------------------------------------------
+
+
+def _every_16_bit_pattern(dtype) -> np.ndarray:
+    """All 65536 patterns, in order and shuffled (Q8_0 blocks then mix magnitudes, zeros, NaNs), and some more."""
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    rng = np.random.default_rng(0)
+    return np.concatenate([bits, rng.permutation(bits), rng.permutation(bits)[:32 * 99]]).view(dtype)
+
+
+def _around_float16_rounding() -> np.ndarray:
+    """float32 values a few ulps either side of every point where float16 rounding changes, and past its range."""
+    halves = np.unique(_every_16_bit_pattern(np.float16).astype(np.float32))
+    halves = halves[np.isfinite(halves)]
+    middles = ((halves[:-1].astype(np.float64) + halves[1:]) / 2).astype(np.float32)
+    near = (middles.view(np.int32)[:, None] + np.arange(-3, 4, dtype=np.int32)).reshape(-1).view(np.float32)
+    edges = np.array([65504, 65519.996, 65520, 65536, 1e30, np.inf, -np.inf, np.nan, 2**-24, 3 * 2**-26, 2**-149],
+                     np.float32)
+    values = np.concatenate([near, -near, halves, edges])
+    values = np.concatenate([values, np.zeros(-values.size % 32, np.float32)])
+    return np.concatenate([values, np.random.default_rng(1).permutation(values)])
+
+
+def _q8_0_edges() -> np.ndarray:
+    """Blocks whose scaled values land exactly on .5 (roundf's ties), zero blocks, blocks of tiny and huge scale."""
+    rng = np.random.default_rng(2)
+    ties = (rng.integers(-254, 255, (2048, 32)) / 2).astype(np.float32)
+    ties[:, 0] = 127
+    ties *= np.exp2(rng.integers(-30, 30, (2048, 1))).astype(np.float32)
+    tiny = np.zeros((96, 32), np.float32)
+    tiny[::3] = rng.standard_normal((32, 32)).astype(np.float32) * 1e-37
+    tiny[1::3, 7] = 1e-45
+    weights = rng.standard_normal((4096, 32)).astype(np.float32) * 0.02
+    return np.concatenate([ties, tiny, weights]).reshape(-1)
+
+
+def _gguf_py_bytes(values: np.ndarray, stored: str, qtype: str) -> bytes:
+    """What the writer wrote before blocks: widen to float32, then gguf-py's quantize."""
+    if stored == "bfloat16":
+        wide = (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        wide = values.astype(np.float32)
+    return gguf.quants.quantize(wide.reshape(-1, 32), gguf.GGMLQuantizationType[qtype]).tobytes()
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0"])
+@pytest.mark.parametrize("stored, values", [
+    ("bfloat16", lambda: _every_16_bit_pattern(np.uint16)),
+    ("float16", lambda: _every_16_bit_pattern(np.float16)),
+    ("float32", _around_float16_rounding),
+    ("float32", _q8_0_edges),
+    ("float64", lambda: _q8_0_edges().astype(np.float64) * 1.1),
+])
+def test_conversions_give_gguf_py_bytes(stored, values, qtype):
+    from merge_hooks.formats.gguf.quants import CHUNK, Encoder
+
+    values = values()
+    assert values.size > 2 * CHUNK  # several chunks, the last one short
+    encoder = Encoder(stored, qtype)
+    with np.errstate(all="ignore"):
+        ours = b"".join(bytes(piece) for piece in encoder.pieces(values))
+        assert ours == _gguf_py_bytes(values, stored, qtype)
+        # Scratch arrays carry nothing from one call to the next.
+        assert b"".join(bytes(piece) for piece in encoder.pieces(values[: 3 * 32])) == ours[: len(ours) * 3 * 32 // values.size]
+
+
+@pytest.mark.parametrize("transform_name, shape", [
+    ("PERMUTE_Q", (64, 6)), ("PERMUTE_K", (32, 6)), ("CUT_POSITIONS", (20, 3)), ("PLUS_ONE", (40,)),
+])
+def test_transforms_on_row_blocks_match_whole_tensors(transform_name, shape):
+    """Blocks of any size, cut anywhere (through a head, inside the dropped rows), give the whole tensor's result."""
+    from merge_hooks.dtypes import float32
+    from merge_hooks.formats.gguf import families
+    from merge_hooks.formats.gguf.writer import written_rows
+
+    transform = getattr(families, transform_name)
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 4}
+    tensor = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    expected = transform.apply(tensor, config)
+    assert expected.shape == transform.shape(shape, config)
+    for sizes in ([shape[0]], [1] * shape[0], [3, 7, 1, 13, 2, 100], [5, 5, 6, 30]):
+        cuts = np.cumsum(sizes)
+        blocks = [b for b in np.split(tensor, cuts[cuts < shape[0]]) if b.size]
+        copies = [b.copy() for b in blocks]
+        rows = list(written_rows(iter(blocks), transform, shape=shape, dtype=float32, config=config))
+        assert np.array_equal(np.concatenate(rows), expected), sizes
+        assert all(np.array_equal(b, c) for b, c in zip(blocks, copies))  # blocks are shared: never modified
+
+
+def _block_source(folder: Path, block_bytes: int):
+    from merge_hooks.checkpoint import Checkpoint
+    from merge_hooks.tensors import TensorSource
+
+    checkpoint = Checkpoint(folder)
+    return checkpoint, TensorSource(specs=list(checkpoint.specs.values()), get=checkpoint.get_array,
+                                    rows=lambda name, start, stop: checkpoint.get_array(name, rows=(start, stop)),
+                                    block_bytes=block_bytes)
+
+
+@pytest.mark.parametrize("family", ["llama", "xlmr", "gemma2"])
+@pytest.mark.parametrize("gguf_type", ["q8_0", "f16"])
+def test_small_blocks_write_the_same_file_as_whole_tensors(merged, tmp_path, family, gguf_type):
+    """Blocks of a few rows (heads split across blocks, position rows cut across blocks) change no byte."""
+    from merge_hooks.formats.gguf.writer import write_gguf
+
+    folder = merged(family, gguf_type)
+    config = json.loads((folder / "config.json").read_text())
+    files = {}
+    for name, block_bytes in (("whole", None), ("blocks", 3 * 1024)):
+        checkpoint, source = _block_source(folder, block_bytes or 1)
+        if block_bytes is None:
+            source.rows = None
+        (tmp_path / name).mkdir()
+        with checkpoint:
+            path, = write_gguf(source, tmp_path / name, model_dir=folder, config=config, output_name="x",
+                               gguf_type=gguf_type, base_models=["a"])
+        files[name] = path
+    assert files["blocks"].read_bytes() == files["whole"].read_bytes()
+    # The tensors written by the merge itself (blocks of the stream engine's size) are the same too.
+    ours = {t.name: bytes(t.data) for t in gguf.GGUFReader(files["blocks"]).tensors}
+    theirs = {t.name: bytes(t.data) for t in gguf.GGUFReader(the_gguf(folder)).tensors}
+    assert ours == theirs
+
+
+def test_failures_while_streaming_reach_the_caller(merged, tmp_path, monkeypatch):
+    """A block the merge cannot produce, or one the conversion thread cannot write, stops the write with its error."""
+    from merge_hooks.formats.gguf import quants
+    from merge_hooks.formats.gguf.writer import write_gguf
+
+    folder = merged("llama", "q8_0")
+    config = json.loads((folder / "config.json").read_text())
+    checkpoint, source = _block_source(folder, 3 * 1024)
+    rows = source.rows
+
+    def failing_rows(name, start, stop):
+        if name.endswith("layers.1.mlp.up_proj.weight") and start > 0:
+            raise RuntimeError("merge failed")
+        return rows(name, start, stop)
+
+    with checkpoint:
+        source.rows = failing_rows
+        with pytest.raises(RuntimeError, match="merge failed"):
+            write_gguf(source, tmp_path, model_dir=folder, config=config, output_name="a", gguf_type="q8_0")
+        source.rows = rows
+
+        def failing_pieces(self, array):
+            raise OSError("no space left on device")
+
+        monkeypatch.setattr(quants.Encoder, "pieces", failing_pieces)
+        with pytest.raises(OSError, match="no space left"):
+            write_gguf(source, tmp_path, model_dir=folder, config=config, output_name="b", gguf_type="q8_0")
+
+
+def test_every_merged_model_is_a_base_model(merged, tmp_path):
+    from merge_hooks.formats import WriteOptions, get_format
+    from merge_hooks.formats.gguf import base_model_name
+
+    folder = merged("qwen2", "f16")
+    checkpoint, source = _block_source(folder, 8 * 2**20)
+    models = ("/models/first", "Qwen/Qwen2-0.5B", "/cache/models--org--third/snapshots/0123abcd")
+    with checkpoint:
+        path, = get_format("gguf").write(source, tmp_path, WriteOptions(
+            0, model_dir=folder, config=json.loads((folder / "config.json").read_text()), output_name="x",
+            models=models))
+    metadata = _metadata_of(path)
+    assert metadata["general.base_model.count"] == 3
+    assert [metadata[f"general.base_model.{i}.name"] for i in range(3)] == ["first", "Qwen2-0.5B", "third"]
+    assert base_model_name(str(folder)) == folder.name
+
+
+def _metadata_of(path: Path) -> dict:
+    from merge_hooks.formats.gguf.check import read_metadata
+
+    return read_metadata(path)
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
+def test_disk_estimate_is_the_size_of_the_gguf_type(merged, gguf_type):
+    from merge_hooks.checkpoint import Checkpoint
+    from merge_hooks.formats import PreflightContext, expand_formats, output_size
+    from merge_hooks.recipe import OutputOptions
+    from merge_hooks.tensors import TensorSpec
+
+    folder = merged("llama", gguf_type)
+    config = json.loads((folder / "config.json").read_text())
+    with Checkpoint(folder) as checkpoint:
+        specs = [TensorSpec(s.name, "bfloat16", s.shape) for s in checkpoint.specs.values()]  # a bfloat16 merge
+    context = PreflightContext(model_dir=folder, config=config, model_type="decoder", formats=("safetensors", "gguf"),
+                               output=OutputOptions(save_format="safetensors,gguf", gguf_type=gguf_type))
+    tensors = sum(s.nbytes for s in specs)
+    gguf_size = output_size(expand_formats("gguf"), context, specs)
+    assert output_size(expand_formats("safetensors,gguf"), context, specs) == tensors + gguf_size
+    # What was written: the same tensor data plus the header (metadata and vocabulary).
+    written = the_gguf(folder).stat().st_size
+    assert gguf_size < written < gguf_size + 64 * 1024
+    ratio = {"f32": 2.0, "f16": 1.0, "q8_0": 34 / 64}[gguf_type]
+    assert gguf_size == pytest.approx(ratio * tensors, rel=0.03)
+
+
+@pytest.fixture(scope="module")
+def wide_llamas(tmp_path_factory) -> list[Path]:
+    """Two one-layer Llama models whose MLP matrices are 64 MiB each in float32 (64 blocks of 1 MiB), with a
+    byte-level BPE tokenizer (as Llama 3's; gguf-py reads a SentencePiece one through transformers, which imports torch)."""
+    from safetensors.numpy import save_file
+
+    hidden, intermediate, vocab = 512, 32768, 500
+    root = tmp_path_factory.mktemp("wide-llamas")
+    paths = []
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        folder = root / f"model{seed}"
+        shutil.copytree(Path(__file__).parent / "data" / "gguf_tokenizers" / "qwen2", folder)
+        shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+                  "lm_head.weight": (vocab, hidden), "model.layers.0.input_layernorm.weight": (hidden,),
+                  "model.layers.0.post_attention_layernorm.weight": (hidden,),
+                  **{f"model.layers.0.self_attn.{p}_proj.weight": (hidden, hidden) for p in "qkvo"},
+                  "model.layers.0.mlp.gate_proj.weight": (intermediate, hidden),
+                  "model.layers.0.mlp.up_proj.weight": (intermediate, hidden),
+                  "model.layers.0.mlp.down_proj.weight": (hidden, intermediate)}
+        save_file({name: rng.standard_normal(shape, dtype=np.float32) * 0.02 for name, shape in shapes.items()},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": intermediate, "num_hidden_layers": 1, "num_attention_heads": 8,
+            "num_key_value_heads": 8, "vocab_size": vocab, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+            "torch_dtype": "float32"}))
+        paths.append(folder)
+    return paths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gguf_type", ["q8_0", "f16"])
+def test_gguf_memory_follows_the_block_size(wide_llamas, tmp_path, gguf_type):
+    """Peak memory of a merge to GGUF stays in the stream engine's bound (tests/test_memory.py), although its
+    largest tensor is 64 blocks; torch is not imported."""
+    from test_memory import BLOCK, BOUND, IMPORT_CODE, MiB, _imported_modules, _run_measured
+
+    output = tmp_path / "merged"
+    merged_rss, stderr = _run_measured([
+        sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge", "--model-type", "decoder",
+        "--models", *map(str, wide_llamas), "--weights", "0.6", "0.4", "-o", str(output), "--engine", "stream",
+        "--save-format", "gguf", "--gguf-type", gguf_type, "-q",
+    ])
+    modules = _imported_modules(stderr)
+    assert "merge_hooks.formats.gguf.writer" in modules and "torch" not in modules
+    (tmp_path / "modules.txt").write_text("\n".join(modules))
+    baseline_rss, _ = _run_measured([sys.executable, "-c", IMPORT_CODE, str(tmp_path / "modules.txt")])
+    used = merged_rss - baseline_rss
+    assert used < BOUND, f"the merge used {used / MiB:.0f} MiB above its import baseline, blocks of {BLOCK / MiB:.0f} MiB"
+    tensors = {t.name: t for t in gguf.GGUFReader(the_gguf(output)).tensors}
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType[gguf_type.upper()]
+
+
 # --- bad input: one line, exit 2, nothing written ----------------------------------------------------------
 
 

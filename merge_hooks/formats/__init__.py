@@ -29,7 +29,7 @@ from ..errors import MergeHooksError
 
 if TYPE_CHECKING:
     from ..recipe import OutputOptions
-    from ..tensors import TensorSource
+    from ..tensors import TensorSource, TensorSpec
 
 ENTRY_POINT_GROUP = "merge_hooks.formats"
 
@@ -52,6 +52,8 @@ class WriteOptions:
     model_dir: Optional[Path] = None
     #: The first model's config.json.
     config: dict[str, Any] = field(default_factory=dict)
+    #: Every input model as the recipe names it (a folder or a hub id), in order; empty for ``convert``.
+    models: tuple[str, ...] = ()
     #: encoder | reranker | decoder; None for ``convert``.
     model_type: Optional[str] = None
     #: The final output folder's name (``merged`` for ``./out/merged``), for file names such as ``merged-F16.gguf``.
@@ -90,6 +92,9 @@ class OutputFormat:
             (and index files) into ``directory``, which exists and is empty of weight files.
         size_factor: how many bytes are written per byte of tensors (2 for a format writing two copies),
             used to check free disk space before writing.
+        size: ``size(context, specs) -> bytes`` the format writes for tensors ``specs`` (as merged), for
+            formats whose size is not ``size_factor`` times theirs (a GGUF's depends on its type); see
+            :func:`output_size`.
         takes_arrays: ``write`` also accepts sources whose ``get`` returns numpy arrays (see
             :class:`~merge_hooks.tensors.TensorSource`); such merges need not import torch.
         alias_of: a name for a list of other formats (``both`` = safetensors and bin); ``write`` is then unused.
@@ -106,6 +111,7 @@ class OutputFormat:
     description: str
     write: Optional[Callable[["TensorSource", Path, WriteOptions], list[Path]]] = None
     size_factor: int = 1
+    size: Optional[Callable[[PreflightContext, Sequence["TensorSpec"]], int]] = None
     takes_arrays: bool = False
     alias_of: tuple[str, ...] = ()
     preflight: Optional[Callable[[PreflightContext], None]] = None
@@ -175,6 +181,17 @@ def preflight_formats(formats: Sequence[OutputFormat], context: PreflightContext
     for fmt in formats:
         if fmt.preflight is not None:
             fmt.preflight(context)
+
+
+def output_size(formats: Sequence[OutputFormat], context: PreflightContext, specs: Sequence["TensorSpec"]) -> int:
+    """Bytes of weight files ``formats`` write for tensors ``specs`` (their written dtypes), for the disk-space check.
+
+    Example:
+        >>> output_size(expand_formats("safetensors,gguf"), context, specs)  # 1x the tensors, plus the GGUF's size
+    """
+    tensor_bytes = sum(spec.nbytes for spec in specs)
+    return sum(fmt.size(context, specs) if fmt.size is not None else fmt.size_factor * tensor_bytes
+               for fmt in formats)
 
 
 def finish_formats(directory: Path, formats: Sequence[OutputFormat], options: WriteOptions) -> list[Path]:

@@ -48,6 +48,28 @@ def _preflight(context: PreflightContext) -> None:
     pooling_type(family, context.model_dir)
 
 
+def _size(context: PreflightContext, specs) -> int:
+    """The GGUF's tensor data for ``specs``, as planned: its type's bytes (F32 tables, whole Q8_0 blocks) and padding."""
+    require_gguf()
+    from gguf import GGUF_DEFAULT_ALIGNMENT as ALIGNMENT
+
+    from .families import family_for
+    from .writer import default_gguf_type, plan_tensors
+
+    gguf_type = getattr(context.output, "gguf_type", None) or default_gguf_type(specs)
+    planned = plan_tensors(specs, family_for(context.config), context.config, gguf_type)
+    return sum(-(-tensor.nbytes // ALIGNMENT) * ALIGNMENT for tensor in planned)
+
+
+def base_model_name(model: str) -> str:
+    """``general.base_model.N.name`` for an input model: the last part of its folder or hub id (for a folder
+    of the Hugging Face cache, ``models--<org>--<name>/snapshots/<commit>``, the repository's name)."""
+    path = Path(model)
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.split("--")[-1]
+    return path.name
+
+
 def _write(source, directory: Path, options: WriteOptions) -> list[Path]:
     from .writer import write_gguf
 
@@ -63,8 +85,9 @@ def _write(source, directory: Path, options: WriteOptions) -> list[Path]:
         output_name=options.output_name or Path(directory).name,
         gguf_type=getattr(options.output, "gguf_type", None),
         max_shard_size=options.max_shard_size,
-        base_models=[Path(options.model_dir).name],
+        base_models=[base_model_name(model) for model in options.models or [str(options.model_dir)]],
         progress=options.progress,
+        digests=options.digests,
     )
 
 
@@ -82,6 +105,7 @@ FORMAT = OutputFormat(
     name="gguf",
     description="<output>-<TYPE>.gguf for llama.cpp / Ollama (f32, f16, bf16, q8_0; BERT, XLM-R, Llama, Qwen2, Gemma2)",
     write=_write,
+    size=_size,
     takes_arrays=True,
     preflight=_preflight,
     check=_check,

@@ -26,12 +26,35 @@ POOLING_MEAN, POOLING_CLS, POOLING_LAST, POOLING_RANK = 1, 2, 3, 4
 
 @dataclass(frozen=True)
 class Transform:
-    """A change llama.cpp needs in a tensor's values: ``apply(array, config)``; ``shape(shape, config)``
-    gives the written shape (declared before the data exists)."""
+    """A change llama.cpp needs in a tensor, made on its row blocks as they stream past.
+
+    In this order: ``skip(config)`` leading rows are dropped; ``reorder(rows, group)`` reorders rows
+    within each run of ``group(shape, config)`` rows (the writer hands it whole runs: a head); ``values``
+    maps float32 values elementwise. :meth:`shape` gives the written shape (declared before the data
+    exists) and :meth:`apply` does all of it to a whole tensor.
+    """
 
     name: str
-    apply: Callable[[Any, dict], Any]
-    shape: Callable[[tuple[int, ...], dict], tuple[int, ...]] = lambda shape, config: shape
+    skip: Callable[[dict], int] = lambda config: 0
+    group: Optional[Callable[[tuple[int, ...], dict], int]] = None
+    reorder: Optional[Callable[[Any, int], Any]] = None
+    values: Optional[Callable[[Any], Any]] = None
+
+    def shape(self, shape: tuple[int, ...], config: dict) -> tuple[int, ...]:
+        skip = self.skip(config)
+        return (shape[0] - skip, *shape[1:]) if skip else tuple(shape)
+
+    def apply(self, array, config: dict):
+        """The written values of a whole tensor (float32 when ``values`` is set).
+
+        Example:
+            >>> PERMUTE_K.apply(k_proj, config)  # rows of each key head interleaved for llama.cpp's rope
+        """
+        shape = array.shape
+        array = array[self.skip(config):]
+        if self.reorder is not None:
+            array = self.reorder(array, self.group(shape, config))
+        return self.values(array) if self.values is not None else array
 
 
 def _position_offset(config: dict) -> int:
@@ -39,23 +62,25 @@ def _position_offset(config: dict) -> int:
     return config.get("pad_token_id", 1) + 1
 
 
-def _rope_permute(array, n_head: int):
-    """Hugging Face stores Q/K rows as two halves per head; llama.cpp's rope wants them interleaved."""
-    rows = array.shape[0]
-    return array.reshape(n_head, 2, rows // n_head // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+def _rope_permute(rows, head_rows: int):
+    """Hugging Face stores Q/K rows as two halves per head; llama.cpp's rope wants them interleaved
+    (``LlamaModel.permute`` in llama.cpp's converter, on any whole number of heads)."""
+    return rows.reshape(-1, 2, head_rows // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-CUT_POSITIONS = Transform(
-    "cut the first pad_token_id + 1 position rows",
-    apply=lambda a, c: a[_position_offset(c):],
-    shape=lambda s, c: (s[0] - _position_offset(c), *s[1:]),
-)
-PERMUTE_Q = Transform("permute Q rows for rope", apply=lambda a, c: _rope_permute(a, c["num_attention_heads"]))
+def _head_rows(heads: Callable[[dict], int]) -> Callable[[tuple[int, ...], dict], int]:
+    return lambda shape, config: shape[0] // heads(config)
+
+
+CUT_POSITIONS = Transform("cut the first pad_token_id + 1 position rows", skip=_position_offset)
+PERMUTE_Q = Transform("permute Q rows for rope", group=_head_rows(lambda c: c["num_attention_heads"]),
+                      reorder=_rope_permute)
 PERMUTE_K = Transform(
     "permute K rows for rope",
-    apply=lambda a, c: _rope_permute(a, c.get("num_key_value_heads") or c["num_attention_heads"]),
+    group=_head_rows(lambda c: c.get("num_key_value_heads") or c["num_attention_heads"]),
+    reorder=_rope_permute,
 )
-PLUS_ONE = Transform("add 1 (Gemma stores norm weights minus 1)", apply=lambda a, c: a + 1)
+PLUS_ONE = Transform("add 1 (Gemma stores norm weights minus 1)", values=lambda a: a + 1)
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,23 @@
-"""Write a merged model as a GGUF file, streamed: the plan first, then one tensor at a time.
+"""Write a merged model as a GGUF file, streamed: the plan first, then one row block at a time.
 
-Every tensor is declared (GGUF name, type, shape) before any data exists, the header, metadata and
-tensor infos are written, then each tensor is produced by the merge, converted and written, and
-dropped before the next one: memory stays bounded by the largest tensor, as for the other formats.
-gguf-py (``gguf.GGUFWriter``) lays out the file and, past ``max_shard_size``, the split files with
-the keys ``llama-gguf-split`` writes; ``gguf.quants`` converts to F16 / BF16 / Q8_0 with the
-numpy implementation llama.cpp's own converter uses.
+Every tensor is declared (GGUF name, type, shape) before any data exists; gguf-py's
+``gguf.GGUFWriter`` lays out the header, metadata and tensor infos and, past ``max_shard_size``, the
+split files with the keys ``llama-gguf-split`` writes. Then each tensor's row blocks come from the
+merge (:meth:`~merge_hooks.tensors.TensorSource.blocks`), go through the family's transform, are
+converted (:mod:`.quants`: the bytes gguf-py's ``gguf.quants`` gives, which llama.cpp's own
+converter uses) and are written at their place in the file, padded as gguf-py pads them. Memory
+stays at a block or two whatever the size of the largest tensor, as for the other formats.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ...dtypes import DType
 from ...errors import MergeHooksError
@@ -118,7 +121,7 @@ def plan_tensors(specs, family: Family, config: dict, gguf_type: str) -> list[Pl
 
 
 def _as_numpy(value, dtype: DType):
-    """A merged tensor as numpy in its own dtype (bfloat16 as its uint16 bits), whether torch or numpy."""
+    """A merged block as numpy in its own dtype (bfloat16 as its uint16 bits), whether torch or numpy."""
     if hasattr(value, "detach"):
         import torch
 
@@ -138,21 +141,100 @@ def _as_float32(array, dtype: DType):
     return array.astype(np.float32, copy=False)
 
 
-# Stored dtype -> the GGUF type whose bytes are the same: such tensors are written as they come.
-_SAME_BYTES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+def written_rows(blocks: Iterator[Any], transform: Optional[Transform], *, shape: tuple[int, ...], dtype: DType,
+                 config: dict) -> Iterator[Any]:
+    """The row blocks of one tensor as they are written: ``transform`` applied to the merged ``blocks``
+    (numpy arrays of the tensor of ``shape`` and ``dtype``, in row order).
+
+    Leading rows are dropped across block boundaries; rows that a reordering needs together (a head)
+    are held back until the rest of their group arrives, so at most one block plus one group is held.
+    Blocks are never modified in place (writers may share them). With a ``values`` transform the
+    blocks come out as float32.
+
+    Example:
+        >>> rows = written_rows(iter(blocks), PERMUTE_K, shape=(256, 2048), dtype=bfloat16, config=config)
+        >>> np.array_equal(np.concatenate(list(rows)), PERMUTE_K.apply(np.concatenate(blocks), config))
+        True
+    """
+    import numpy as np
+
+    if transform is None:
+        yield from blocks
+        return
+    skip = transform.skip(config)
+    group = transform.group(shape, config) if transform.reorder is not None else 1
+    held = None  # fewer than ``group`` rows, waiting for the rest of their group
+    for block in blocks:
+        if skip:
+            dropped = min(skip, block.shape[0])
+            block, skip = block[dropped:], skip - dropped
+        if group > 1:
+            if held is not None:
+                block, held = np.concatenate([held, block]), None
+            whole = block.shape[0] // group * group
+            if whole < block.shape[0]:
+                held = block[whole:].copy()
+                block = block[:whole]
+            if whole:
+                block = transform.reorder(block, group)
+        if block.shape[0]:
+            yield transform.values(_as_float32(block, dtype)) if transform.values is not None else block
+    if held is not None:
+        raise AssertionError(f"{held.shape[0]} rows left over: the tensor's rows are not whole groups of {group}")
 
 
-def _tensor_bytes(value, spec: TensorSpec, tensor: PlannedTensor, config: dict):
-    """The bytes of one GGUF tensor: the merged values as they are when the type matches, else converted."""
-    import gguf
+def _align(f, alignment: int) -> None:
+    """Zeros up to the next multiple of ``alignment``, as gguf-py's ``write_padding`` puts around tensor data."""
+    pad = -f.tell() % alignment
+    if pad:
+        f.write(bytes(pad))
 
-    array = _as_numpy(value, spec.dtype)
-    if tensor.transform is None and _SAME_BYTES.get(spec.dtype.name) == tensor.qtype.name:
-        return array
-    array = _as_float32(array, spec.dtype)
-    if tensor.transform is not None:
-        array = tensor.transform.apply(array, config)
-    return gguf.quants.quantize(array, tensor.qtype)
+
+def _write_tensor(source: TensorSource, spec: TensorSpec, tensor: PlannedTensor, f, encoders: dict,
+                  config: dict, *, alignment: int, behind, hasher=None,
+                  progress: Optional[Callable[[int], None]] = None) -> None:
+    """One tensor's data at the end of ``f`` (aligned, padded), block by block; each block is converted and
+    written by the executor ``behind`` while the merge computes the next one."""
+    import numpy as np
+
+    from .quants import SAME_BYTES, Encoder
+
+    def merged() -> Iterator[Any]:
+        for _, block in source.blocks(spec):
+            array = np.ascontiguousarray(_as_numpy(block, spec.dtype))
+            yield array
+            if progress is not None:
+                progress(array.nbytes)
+
+    # Values written as they come when nothing changes them; else converted (a values transform gives float32).
+    stored = "float32" if tensor.transform is not None and tensor.transform.values is not None else spec.dtype.name
+    as_is = tensor.transform is None and SAME_BYTES.get(stored) == tensor.qtype.name
+    key = (stored, tensor.qtype.name)
+    if not as_is and key not in encoders:
+        encoders[key] = Encoder(*key)  # its scratch arrays serve every tensor of the same kind
+
+    def write(rows) -> None:
+        for piece in [rows] if as_is else encoders[key].pieces(rows):
+            f.write(np.ascontiguousarray(piece).data)
+        if hasher is not None:
+            f.flush()
+            hasher.advance(f.tell())
+
+    _align(f, alignment)
+    start = f.tell()
+    writing = None
+    for rows in written_rows(merged(), tensor.transform, shape=spec.shape, dtype=spec.dtype, config=config):
+        if writing is not None:
+            writing.result()  # one block in flight: memory stays at a block or two
+        # The merge makes a new array for every block it hands out (the tee keeps blocks too), so this one
+        # stays as it is while the next is computed.
+        writing = behind.submit(write, rows)
+    if writing is not None:
+        writing.result()
+    written = f.tell() - start
+    if written != tensor.nbytes:
+        raise AssertionError(f"{tensor.name}: {written} bytes written, {tensor.nbytes} declared")
+    _align(f, alignment)
 
 
 def _metadata(writer, family: Family, config: dict, *, gguf_type: str, name: str,
@@ -188,10 +270,13 @@ def write_gguf(
     max_shard_size: int = 0,
     base_models: Optional[list[str]] = None,
     progress: Optional[Callable[[int], None]] = None,
+    digests: Optional[dict[Path, str]] = None,
 ) -> list[Path]:
     """Write ``source`` as ``directory/<output_name>-<TYPE>.gguf`` (or its splits) and return the paths.
 
     ``model_dir`` holds the tokenizer and sentence-transformers files; ``config`` is its config.json.
+    ``base_models`` are named as ``general.base_model.*``. With ``digests``, each file is hashed while it
+    is written and its sha256 recorded there by path.
 
     Example:
         >>> write_gguf(source, Path("out"), model_dir=Path("bge-base"), config=config, output_name="merged")
@@ -199,6 +284,8 @@ def write_gguf(
     """
     import gguf
     import numpy as np
+
+    from ...io.hashing import TrailingHasher
 
     family = family_for(config)
     gguf_type = gguf_type or default_gguf_type(source.specs)
@@ -209,7 +296,9 @@ def write_gguf(
     vocab = export_vocab(model_dir, vocab_size=embedding.shape[0],
                          token_type_count=None if family.decoder else config.get("type_vocab_size", 1))
     path = Path(directory) / gguf_file_name(output_name, gguf_type)
-    writer = gguf.GGUFWriter(path, family.arch, split_max_size=max_shard_size)
+    # gguf-py warns that a model "fails split requirements" when it fits in one file: ask for splits only when needed.
+    split = max_shard_size if max_shard_size and sum(p.nbytes for p in planned) > max_shard_size else 0
+    writer = gguf.GGUFWriter(path, family.arch, split_max_size=split)
     try:
         _metadata(writer, family, config, gguf_type=gguf_type, name=output_name,
                   base_models=base_models or [], pooling=pooling_type(family, model_dir))
@@ -217,19 +306,26 @@ def write_gguf(
         for tensor in planned:
             writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, raw_dtype=tensor.qtype)
         paths = writer.format_shard_names(path)
+        # gguf-py writes the header, metadata and tensor infos of every split; the data follows here, each
+        # tensor in the split gguf-py planned it in (writer.tensors: one dict per split, in order).
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        split_of = {name: i for i, tensors in enumerate(writer.tensors) for name in tensors}
         specs = {s.name: s for s in source.specs}
-        for tensor in planned:
-            spec: TensorSpec = specs[tensor.hf_name]
-            data = _tensor_bytes(source.get(tensor.hf_name), spec, tensor, config)
-            if data.nbytes != tensor.nbytes:
-                raise AssertionError(f"{tensor.name}: {data.nbytes} bytes, {tensor.nbytes} declared")
-            writer.write_tensor_data(data)
-            del data
-            if progress is not None:
-                progress(spec.nbytes)
+        encoders: dict = {}
+        with contextlib.ExitStack() as stack:
+            hashers = [stack.enter_context(TrailingHasher(p)) for p in paths] if digests is not None else None
+            # numpy lets go of the GIL in its loops: converting one block in this thread overlaps merging the next.
+            behind = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-hooks-gguf"))
+            for tensor in planned:
+                split = split_of[tensor.name]
+                _write_tensor(source, specs[tensor.hf_name], tensor, writer.fout[split], encoders, config,
+                              alignment=writer.data_alignment, behind=behind, hasher=hashers and hashers[split],
+                              progress=progress)
+            for f, split_path, hasher in zip(writer.fout, paths, hashers or []):
+                f.flush()
+                digests[split_path] = hasher.finish(f.tell())
     finally:
         writer.close()
     return paths
