@@ -19,6 +19,7 @@ from .formats import (
     WriteOptions,
     expand_formats,
     finish_formats,
+    output_size,
     preflight_formats,
     write_formats,
 )
@@ -103,8 +104,8 @@ def convert(
     source_dir = resolve_model_path(str(src))
     config = read_config(source_dir, str(src))
     target = check_output(dst, overwrite=overwrite, force=force, inputs=(source_dir,))
-    preflight_formats(formats, PreflightContext(model_dir=source_dir, config=config, model_type=None, output=output,
-                                                formats=format_names))
+    context = PreflightContext(model_dir=source_dir, config=config, model_type=None, output=output, formats=format_names)
+    preflight_formats(formats, context)
     with claimed_output(target) as claim, Checkpoint(source_dir) as checkpoint:
         check_output(target, overwrite=overwrite, force=force, inputs=(source_dir,))
         extras = [entry.name for entry in source_dir.iterdir()
@@ -120,7 +121,7 @@ def convert(
             # Row blocks, for the formats that write in blocks: memory stays at one block, not one tensor.
             rows=lambda name, start, stop: checkpoint.get(name, rows=(start, stop)).to(out_dtypes[name].torch),
         )
-        check_disk_space(target.parent, tensors.total_bytes * sum(fmt.size_factor for fmt in formats))
+        check_disk_space(target.parent, output_size(formats, context, specs))
         with staged_output(target, claim=claim) as staging:
             digests: dict[Path, str] = {}
             writing = sum(fmt.size_factor for fmt in formats if fmt.write is not None)

@@ -24,6 +24,7 @@ from .formats import (
     WriteOptions,
     expand_formats,
     finish_formats,
+    output_size,
     preflight_formats,
     write_formats,
 )
@@ -33,6 +34,7 @@ from .progress import byte_progress
 from .recipe import Recipe
 from .sidecar import copy_code_files, write_sidecars
 from .staging import Claim, claimed_output, staged_output
+from .tensors import TensorSpec
 from .units import format_size
 
 logger = logging.getLogger(__name__)
@@ -249,16 +251,15 @@ def _run_claimed(
         # Again now that the inputs are resolved and the target is locked: what it holds now is what may be replaced.
         check_output(target, overwrite=overwrite, force=force, inputs=(*[m.path for m in models], *adapter_folders(models)))
         first = models[0]
-        preflight_formats(formats, PreflightContext(model_dir=first.path, config=first.config,
-                                                    model_type=recipe.model_type, output=recipe.output,
-                                                    formats=format_names))
+        context = PreflightContext(model_dir=first.path, config=first.config, model_type=recipe.model_type,
+                                   output=recipe.output, formats=format_names)
+        preflight_formats(formats, context)
         examples = None
         if recipe.method == "mix_models_with_data":
             examples = load_examples(recipe.examples, recipe.model_type, neg_number=recipe.neg_number)
         dtype = output_dtype(recipe.output.dtype, first.checkpoint.dtype)
-        estimate = sum(s.numel * written_dtype(s.dtype, dtype).itemsize for s in first.checkpoint.specs.values())
-        size_factor = sum(fmt.size_factor for fmt in formats)
-        check_disk_space(target.parent, estimate * size_factor + SIDECAR_ALLOWANCE)
+        written_specs = [TensorSpec(s.name, written_dtype(s.dtype, dtype), s.shape) for s in first.checkpoint.specs.values()]
+        check_disk_space(target.parent, output_size(formats, context, written_specs) + SIDECAR_ALLOWANCE)
         m3_heads = bool(heads_present(first.path))  # preflight made sure every model has them, or none
 
         engine = choose_engine(recipe, models)
@@ -288,7 +289,7 @@ def _run_claimed(
                     options = WriteOptions(
                         recipe.output.max_shard_bytes, progress=advance, digests=digests, formats=format_names,
                         model_dir=first.path, config=first.config, model_type=recipe.model_type,
-                        output_name=target.name, output=recipe.output,
+                        output_name=target.name, output=recipe.output, models=tuple(recipe.model_paths),
                     )
                     written = write_formats(result.source, staging, formats, options)
                 # Files the formats did not hash while writing them are hashed now, while still in the page cache.

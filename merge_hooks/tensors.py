@@ -83,7 +83,9 @@ class TensorSource:
     ``get`` returns a CPU tensor of exactly the spec's dtype and shape, or a C-contiguous numpy array
     of its shape in the dtype's ``storage`` (bfloat16 as uint16 bits); only formats that say they
     take arrays get the latter. Writers call it once per
-    tensor, in spec order, and drop the result before asking for the next one.
+    tensor, in spec order. Every tensor or block a source returns is memory of its own that the source
+    never touches again: a writer (or a :func:`tee`) may keep one while it asks for the next, and a
+    thread may hash or convert it later.
 
     A source may also produce row blocks: ``rows(name, start, stop)`` returns rows ``start:stop`` of
     the tensor, in the same form, each computed without the whole tensor in memory. Writers that

@@ -306,6 +306,10 @@ def test_split_files_load_in_llama_cpp(gguf_inputs, tmp_path):
     assert int(first.get_field("split.tensors.count").contents()) == sum(len(gguf.GGUFReader(p).tensors) for p in splits)
     agreement = compare_with_transformers(splits[0], folder)
     assert agreement.min_cosine >= 0.999
+    from merge_hooks.verify import verify_folder
+
+    report = verify_folder(folder, loaders=False)
+    assert not report.problems and any("match merge_manifest.json (sizes and blake3)" in line for line in report.passed)
 
 
 def test_bge_m3_heads_stay_beside_the_gguf(make_models, tmp_path):
@@ -322,7 +326,10 @@ def test_verify_reads_every_tensor_and_finds_a_truncated_file(merged, tmp_path):
 
     folder = tmp_path / "copy"
     shutil.copytree(merged("xlmr", "f16"), folder)
-    assert any(line.startswith("gguf: merged-F16.gguf") for line in verify_folder(folder, loaders=False).passed)
+    passed = verify_folder(folder, loaders=False).passed
+    assert any(line.startswith("gguf: merged-F16.gguf") for line in passed)
+    # The GGUF's digest was taken while it was written (header from gguf-py, data from the stream).
+    assert any(line.endswith("match merge_manifest.json (sizes and blake3)") for line in passed), passed
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     assert any("bert.block_count is 2, config.json says 3" in p for p in verify_folder(folder, loaders=False,
@@ -487,7 +494,7 @@ def test_failures_while_streaming_reach_the_caller(merged, tmp_path, monkeypatch
             write_gguf(source, tmp_path, model_dir=folder, config=config, output_name="b", gguf_type="q8_0")
 
 
-def test_every_merged_model_is_a_base_model(merged, tmp_path):
+def test_every_merged_model_is_a_base_model(merged, gguf_inputs, tmp_path):
     from merge_hooks.formats import WriteOptions, get_format
     from merge_hooks.formats.gguf import base_model_name
 
@@ -502,6 +509,12 @@ def test_every_merged_model_is_a_base_model(merged, tmp_path):
     assert metadata["general.base_model.count"] == 3
     assert [metadata[f"general.base_model.{i}.name"] for i in range(3)] == ["first", "Qwen2-0.5B", "third"]
     assert base_model_name(str(folder)) == folder.name
+    # A merge names each of its models.
+    inputs = gguf_inputs("qwen2")
+    merge_to(inputs, tmp_path / "merged", "decoder", save_format="gguf")
+    metadata = _metadata_of(the_gguf(tmp_path / "merged"))
+    assert metadata["general.base_model.count"] == len(inputs)
+    assert [metadata[f"general.base_model.{i}.name"] for i in range(len(inputs))] == [Path(p).name for p in inputs]
 
 
 def _metadata_of(path: Path) -> dict:

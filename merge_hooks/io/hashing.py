@@ -69,7 +69,9 @@ class HashingFile:
     """Wraps a binary file open for writing: ``write`` writes and hashes (in a thread), ``tell`` passes through.
 
     Buffers given to ``write`` must not change afterwards (the thread may still be reading them);
-    writers hand over blocks they are done with, and bytes.
+    writers hand over blocks they are done with, and bytes. A writer that reuses its buffers passes
+    ``reuses_buffers=True``: each buffer is then hashed before ``write`` returns. Bytes already in the
+    file (a header another library wrote) are read back and hashed first.
 
     Example:
         >>> with open(path, "wb") as raw, HashingFile(raw) as f:
@@ -78,21 +80,41 @@ class HashingFile:
         ...     digest = f.hexdigest()
     """
 
-    def __init__(self, f, algorithm: str = ALGORITHM):
+    def __init__(self, f, algorithm: str = ALGORITHM, *, reuses_buffers: bool = False):
         self._f = f
         self._written_back = self._unflushed = 0
         self._hash = new_hash(algorithm)
-        self._pending: queue.Queue = queue.Queue(maxsize=PENDING)
         self._error: Optional[BaseException] = None
         self._digest: Optional[str] = None
-        self._thread = threading.Thread(target=self._run, name="merge-hooks-hash", daemon=True)
-        self._thread.start()
+        if f.tell():
+            f.flush()
+            with open(f.name, "rb", buffering=0) as existing:  # f itself is open for writing only
+                self._hash_prefix(existing.fileno(), f.tell())
+        self._pending: Optional[queue.Queue] = None
+        self._thread: Optional[threading.Thread] = None
+        if not reuses_buffers:
+            self._pending = queue.Queue(maxsize=PENDING)
+            self._thread = threading.Thread(target=self._run, name="merge-hooks-hash", daemon=True)
+            self._thread.start()
+
+    def _hash_prefix(self, fd: int, size: int) -> None:
+        view = memoryview(bytearray(min(CHUNK, size)))
+        done = 0
+        while done < size:
+            n = os.preadv(fd, [view[: min(len(view), size - done)]], done)
+            if not n:
+                raise OSError(f"file ended at byte {done} while hashing its first {size} bytes")
+            self._hash.update(view[:n])
+            done += n
 
     def write(self, data) -> int:
         n = self._f.write(data)
         if self._error is not None:
             raise self._error
-        self._pending.put(memoryview(data).cast("B"))
+        if self._pending is None:
+            self._hash.update(memoryview(data).cast("B"))
+        else:
+            self._pending.put(memoryview(data).cast("B"))
         self._unflushed += n
         if self._unflushed >= WRITEBACK_BYTES:
             self._f.flush()
@@ -114,7 +136,7 @@ class HashingFile:
         return self._digest
 
     def _stop(self) -> None:
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._pending.put(None)
             self._thread.join()
 

@@ -191,7 +191,7 @@ def _align(f, alignment: int) -> None:
 
 
 def _write_tensor(source: TensorSource, spec: TensorSpec, tensor: PlannedTensor, f, encoders: dict,
-                  config: dict, *, alignment: int, behind, hasher=None,
+                  config: dict, *, alignment: int, behind,
                   progress: Optional[Callable[[int], None]] = None) -> None:
     """One tensor's data at the end of ``f`` (aligned, padded), block by block; each block is converted and
     written by the executor ``behind`` while the merge computes the next one."""
@@ -216,9 +216,6 @@ def _write_tensor(source: TensorSource, spec: TensorSpec, tensor: PlannedTensor,
     def write(rows) -> None:
         for piece in [rows] if as_is else encoders[key].pieces(rows):
             f.write(np.ascontiguousarray(piece).data)
-        if hasher is not None:
-            f.flush()
-            hasher.advance(f.tell())
 
     _align(f, alignment)
     start = f.tell()
@@ -276,7 +273,7 @@ def write_gguf(
 
     ``model_dir`` holds the tokenizer and sentence-transformers files; ``config`` is its config.json.
     ``base_models`` are named as ``general.base_model.*``. With ``digests``, each file is hashed while it
-    is written and its sha256 recorded there by path.
+    is written and its digest recorded there by path.
 
     Example:
         >>> write_gguf(source, Path("out"), model_dir=Path("bge-base"), config=config, output_name="merged")
@@ -285,7 +282,7 @@ def write_gguf(
     import gguf
     import numpy as np
 
-    from ...io.hashing import TrailingHasher
+    from ...io.hashing import HashingFile
 
     family = family_for(config)
     gguf_type = gguf_type or default_gguf_type(source.specs)
@@ -315,17 +312,17 @@ def write_gguf(
         specs = {s.name: s for s in source.specs}
         encoders: dict = {}
         with contextlib.ExitStack() as stack:
-            hashers = [stack.enter_context(TrailingHasher(p)) for p in paths] if digests is not None else None
+            # The converted pieces live in reused scratch arrays: each is hashed before the next is made.
+            files = ([stack.enter_context(HashingFile(f, reuses_buffers=True)) for f in writer.fout]
+                     if digests is not None else list(writer.fout))
             # numpy lets go of the GIL in its loops: converting one block in this thread overlaps merging the next.
             behind = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-hooks-gguf"))
             for tensor in planned:
                 split = split_of[tensor.name]
-                _write_tensor(source, specs[tensor.hf_name], tensor, writer.fout[split], encoders, config,
-                              alignment=writer.data_alignment, behind=behind, hasher=hashers and hashers[split],
-                              progress=progress)
-            for f, split_path, hasher in zip(writer.fout, paths, hashers or []):
-                f.flush()
-                digests[split_path] = hasher.finish(f.tell())
+                _write_tensor(source, specs[tensor.hf_name], tensor, files[split], encoders, config,
+                              alignment=writer.data_alignment, behind=behind, progress=progress)
+            if digests is not None:
+                digests.update((split_path, f.hexdigest()) for split_path, f in zip(paths, files))
     finally:
         writer.close()
     return paths
