@@ -108,7 +108,8 @@ class _TorchMath:
 
 
 class _NumpyMath:
-    """The same operations on numpy arrays, with the bits torch would produce.
+    """The same arithmetic on numpy arrays, with the bits torch would produce; :meth:`read_and_merge`
+    applies it to a block piece by piece, reading the pieces from safetensors files.
 
     float32 products and sums are single IEEE operations in both (the Python weight is rounded to
     float32 first in both, as torch does for a float32 tensor and numpy does under NEP 50); widening
@@ -127,15 +128,6 @@ class _NumpyMath:
 
     def view(self, raw, dtype: DType, shape: tuple[int, ...]):
         return raw.view(dtype.storage).reshape(shape)
-
-    def empty(self, dtype: DType, shape: tuple[int, ...]):
-        return self.np.empty(shape, dtype=dtype.storage)
-
-    def read(self, model: InputModel, name: str, out=None, rows: RowRange = None):
-        return model.checkpoint.get_array(name, out=out, rows=rows)
-
-    def scale_into(self, array, weight: float, out):
-        return self.np.multiply(array, weight, out=out)
 
     def widen(self, half, wide, half_dtype: DType):
         np = self.np
