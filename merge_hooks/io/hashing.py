@@ -2,9 +2,9 @@
 written back to disk as they go.
 
 The manifest records a digest of every file. Reading each file back after writing it cost a third
-of a BERT-base merge, and reading it back right behind the writer (from the page cache, while the
-writer still appends to the file) more than doubled the kernel's share of the merge. A
-:class:`HashingFile` instead passes every buffer written to a thread that hashes it from memory: the
+of a BERT-base merge; reading it back right behind the writer still copied every byte out of the page
+cache once more. A :class:`HashingFile` instead passes every buffer written to a thread that hashes it
+from memory: the
 writer goes on at once, and the thread holds at most :data:`PENDING` buffers, which the writer was
 holding anyway (row blocks of a few MiB, so memory stays bounded).
 
