@@ -108,3 +108,19 @@ def of(value: Any) -> DType:
         return BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown dtype {value!r}") from None
+
+
+def round_to_bfloat16(bits: "numpy.ndarray", work: "numpy.ndarray", out: "numpy.ndarray") -> None:
+    """Round float32 values, given as their uint32 ``bits``, to bfloat16 (nearest, ties to even) into ``out``.
+
+    ``work`` is a uint32 scratch array of the same size and ``out`` a 16-bit one. The bit arithmetic
+    (add 0x7FFF plus the lowest kept bit, keep the top half) is what torch and gguf-py do for every
+    value but NaN, whose result here is arbitrary: callers write NaNs as their reference does.
+    """
+    import numpy as np
+
+    np.right_shift(bits, 16, out=work)
+    np.bitwise_and(work, 1, out=work)
+    np.add(work, 0x7FFF, out=work)
+    np.add(work, bits, out=work)
+    np.right_shift(work, 16, out=out, casting="unsafe")

@@ -98,3 +98,17 @@ def test_convert_does_not_read_its_weight_files_again_for_the_manifest(make_mode
     assert "model.safetensors" not in manifest
     for name in weight_files:
         assert manifest[name]["blake3"] == _blake3(converted / name)
+
+
+def test_writeback_starts_through_libc_and_leaves_the_data_intact(tmp_path):
+    from merge_hooks.io.libc import libc_function
+
+    assert libc_function("no_such_function_in_libc") is None
+    assert libc_function("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint") is not None  # Linux
+    data = bytes(range(256)) * 4096
+    with open(tmp_path / "f", "wb") as f:
+        f.write(data)
+        f.flush()
+        hashing.start_writeback(f.fileno(), 0, len(data))
+        hashing.start_writeback(-1, 0, 1)  # a failing call is only logged
+    assert (tmp_path / "f").read_bytes() == data

@@ -158,14 +158,7 @@ class _NumpyMath:
         if dtype is not dtypes.bfloat16:
             np.copyto(out, acc, casting="unsafe")
             return
-        # Round to nearest, ties to even, on the float32 bits: add 0x7FFF plus the lowest kept bit, keep the top half.
-        bits = acc.view(np.uint32)
-        rounded = buffers.get("round", dtypes.BY_NAME["uint32"], acc.shape)
-        np.right_shift(bits, 16, out=rounded)
-        np.bitwise_and(rounded, 1, out=rounded)
-        rounded += 0x7FFF
-        rounded += bits
-        np.right_shift(rounded, 16, out=out, casting="unsafe")
+        dtypes.round_to_bfloat16(acc.view(np.uint32), buffers.get("round", dtypes.BY_NAME["uint32"], acc.shape), out)
         if np.isnan(np.max(acc, initial=0.0)):  # max propagates NaN without a mask the size of the tensor
             out[np.isnan(acc)] = 0x7FC0
 

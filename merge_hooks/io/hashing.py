@@ -20,7 +20,6 @@ are written (``sync_file_range``, which does not wait), so the disk works while 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -28,6 +27,8 @@ import queue
 import threading
 from pathlib import Path
 from typing import Any, Optional
+
+from .libc import errno, libc_function
 
 #: The algorithm new manifests record (``"algorithm"``, and the key of each file's digest).
 ALGORITHM = "blake3"
@@ -156,19 +157,6 @@ class HashingFile:
         self._stop()
 
 
-@functools.lru_cache(maxsize=1)
-def _sync_file_range():
-    """libc's ``sync_file_range`` (Linux), or None: Python's os module does not offer it."""
-    import ctypes
-
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    return function
-
-
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -178,8 +166,6 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     Only a head start for a later fsync, which is what makes the data durable: where the call is
     missing or fails, nothing changes but speed.
     """
-    function = _sync_file_range()
+    function = libc_function("sync_file_range", "c_int", "c_int64", "c_int64", "c_uint")
     if function is not None and function(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
-        import ctypes
-
-        logger.debug("sync_file_range failed (errno %d); the fsync at commit writes everything", ctypes.get_errno())
+        logger.debug("sync_file_range failed (errno %d); the fsync at commit writes everything", errno())

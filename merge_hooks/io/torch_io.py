@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from ..dtypes import DType
 from ..tensors import TensorSource, TensorSpec
 from .hashing import HashingFile
+from .libc import libc_function
 from .safetensors_io import write_blocks
 
 if TYPE_CHECKING:
@@ -303,17 +304,9 @@ def refused_pickle(error: Exception) -> str:
     )
 
 
-@functools.lru_cache(maxsize=1)
 def _madvise():
     """libc's madvise, or None where there is none (Python's os module only offers it for its own mmap objects)."""
-    import ctypes
-
-    try:
-        function = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return function
+    return libc_function("madvise", "c_void_p", "c_size_t", "c_int")
 
 
 _MADV_DONTNEED = 4

@@ -28,6 +28,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ...dtypes import round_to_bfloat16
+
 #: Elements converted per step: a handful of scratch arrays of this many float32 (256 KiB each) stay in L2.
 CHUNK = 64 * 1024
 #: Steps whose output is collected before it is handed to the file (one write per ~1M elements).
@@ -188,11 +190,7 @@ class Encoder:
         bits = self._float32_bits(chunk)
         half = out.view(np.uint16)
         work = self._buffer("work", np.uint32, chunk.size)
-        np.right_shift(bits, 16, out=work)
-        np.bitwise_and(work, 1, out=work)
-        np.add(work, 0x7FFF, out=work)
-        np.add(work, bits, out=work)
-        np.right_shift(work, 16, out=half, casting="unsafe")
+        round_to_bfloat16(bits, work, half)
         # NaNs become quiet NaNs with their top bits, as gguf-py does.
         np.left_shift(bits, 1, out=work)
         nans = np.flatnonzero(np.greater(work, 0xFF000000, out=self._buffer("mask", np.bool_, chunk.size)))
