@@ -1035,12 +1035,13 @@ def gguf_section(bench: Bench) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_gguf_section(results: Path, section: str) -> None:
-    """Put ``section`` into ``results`` between the GGUF markers, leaving the rest of the report as it is."""
+def write_section(results: Path, section: str, begin: str, end: str) -> None:
+    """Put ``section`` (which starts with ``begin`` and ends with ``end``) into ``results`` in place of the
+    previous one between those markers, or at the end; the rest of the report stays as it is."""
     text = results.read_text() if results.is_file() else ""
-    if GGUF_BEGIN in text and GGUF_END in text:
-        head, rest = text.split(GGUF_BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(GGUF_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     results.write_text(text)
@@ -1292,17 +1293,6 @@ def render_onnx(rows: list[Row], versions: dict, command: str) -> str:
     return "\n".join(lines + ["", ONNX_END, ""])
 
 
-def write_onnx_section(results: Path, section: str) -> None:
-    """Put the ONNX section into ``results``, replacing the previous one (the other sections stay as they are)."""
-    text = results.read_text() if results.is_file() else ""
-    if ONNX_BEGIN in text and ONNX_END in text:
-        before, rest = text.split(ONNX_BEGIN, 1)
-        text = before + section.rstrip("\n") + rest.split(ONNX_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
-
-
 def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so the child being measured is killed too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -1319,7 +1309,7 @@ def main() -> None:
         args.command = command
         for model_key in args.models:
             bench.gguf_config(model_key, GGUF_N[model_key])
-        write_gguf_section(args.results, gguf_section(bench))
+        write_section(args.results, gguf_section(bench), GGUF_BEGIN, GGUF_END)
         bench.log(f"wrote the GGUF section of {args.results}")
         return
     bench.log(f"peak RSS from {'/usr/bin/time -v' if TIME_BIN else 'os.wait4 rusage (/usr/bin/time missing)'}; "
@@ -1332,7 +1322,7 @@ def main() -> None:
         bench.log(f"wrote the LoRA rows to {args.results}")
         return
     if args.onnx:
-        write_onnx_section(args.results, render_onnx(run_onnx(bench), versions, command))
+        write_section(args.results, render_onnx(run_onnx(bench), versions, command), ONNX_BEGIN, ONNX_END)
         bench.log(f"wrote the ONNX section of {args.results}")
         return
 
