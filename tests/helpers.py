@@ -240,3 +240,21 @@ def make_adapter(
                     parameter.add_(1.0)
     peft_model.save_pretrained(str(out), safe_serialization=safe_serialization)
     return out
+
+
+def fail_verification(monkeypatch) -> None:
+    """Make the next merge write a config.json that wants one layer more than its weights hold, so that
+    ``--verify`` fails on it."""
+    import json
+
+    import merge_hooks.pipeline as pipeline
+
+    real_write_sidecars = pipeline.write_sidecars
+
+    def bad_sidecars(source, directory, **kwargs):
+        real_write_sidecars(source, directory, **kwargs)
+        config = json.loads((directory / "config.json").read_text())
+        config["num_hidden_layers"] += 1  # the config now wants a layer the weights lack
+        (directory / "config.json").write_text(json.dumps(config))
+
+    monkeypatch.setattr(pipeline, "write_sidecars", bad_sidecars)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import leftovers, weight_files
+from helpers import fail_verification, leftovers, weight_files
 from merge_hooks.cli import main
 from merge_hooks.errors import MergeHooksError
 
@@ -241,16 +241,7 @@ def test_a_failed_run_removes_the_parent_folders_it_created(encoders, scratch, c
 
 
 def test_a_failed_verify_removes_the_parent_folders_it_created(scratch, capsys, monkeypatch):
-    import merge_hooks.pipeline as pipeline
-
-    def bad_sidecars(source, directory, **kwargs):
-        real_write_sidecars(source, directory, **kwargs)
-        config = json.loads((directory / "config.json").read_text())
-        config["num_hidden_layers"] += 1  # the config now wants a layer the weights lack
-        (directory / "config.json").write_text(json.dumps(config))
-
-    real_write_sidecars = pipeline.write_sidecars
-    monkeypatch.setattr(pipeline, "write_sidecars", bad_sidecars)
+    fail_verification(monkeypatch)
     refused(scratch.parent, capsys, *rerankers("-o", "new/deeper/merged", "--verify"), match="failed verification")
     assert not (scratch / "new").exists()
 

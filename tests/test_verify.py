@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import leftovers, merge
+from helpers import fail_verification, leftovers, merge
 from merge_hooks.cli import main
 from merge_hooks.io.safetensors_io import read_safetensors_header
 
@@ -261,16 +261,7 @@ def test_merge_verify_flag(make_models, tmp_path, capsys):
 
 
 def test_merge_verify_failure_keeps_the_previous_output(make_models, tmp_path, capsys, monkeypatch):
-    import merge_hooks.pipeline as pipeline
-
-    def bad_sidecars(source, directory, **kwargs):
-        real_write_sidecars(source, directory, **kwargs)
-        config = json.loads((directory / "config.json").read_text())
-        config["num_hidden_layers"] += 1  # the config now wants a layer the weights lack
-        (directory / "config.json").write_text(json.dumps(config))
-
-    real_write_sidecars = pipeline.write_sidecars
-    monkeypatch.setattr(pipeline, "write_sidecars", bad_sidecars)
+    fail_verification(monkeypatch)
     paths = make_models("bert-encoder", 2)
     out = tmp_path / "merged"
     out.mkdir()
