@@ -583,19 +583,14 @@ def wide_llamas(tmp_path_factory) -> list[Path]:
 def test_gguf_memory_follows_the_block_size(wide_llamas, tmp_path, gguf_type):
     """Peak memory of a merge to GGUF stays in the stream engine's bound (tests/test_memory.py), although its
     largest tensor is 64 blocks; torch is not imported."""
-    from test_memory import BLOCK, BOUND, IMPORT_CODE, MiB, _imported_modules, _run_measured
+    from test_memory import BLOCK, BOUND, MiB, merge_memory
 
     output = tmp_path / "merged"
-    merged_rss, stderr = _run_measured([
-        sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge", "--model-type", "decoder",
-        "--models", *map(str, wide_llamas), "--weights", "0.6", "0.4", "-o", str(output), "--engine", "stream",
-        "--save-format", "gguf", "--gguf-type", gguf_type, "-q",
-    ])
-    modules = _imported_modules(stderr)
+    used, modules = merge_memory([
+        "--model-type", "decoder", "--models", *map(str, wide_llamas), "--weights", "0.6", "0.4", "-o", str(output),
+        "--engine", "stream", "--save-format", "gguf", "--gguf-type", gguf_type, "-q",
+    ], tmp_path)
     assert "merge_hooks.formats.gguf.writer" in modules and "torch" not in modules
-    (tmp_path / "modules.txt").write_text("\n".join(modules))
-    baseline_rss, _ = _run_measured([sys.executable, "-c", IMPORT_CODE, str(tmp_path / "modules.txt")])
-    used = merged_rss - baseline_rss
     assert used < BOUND, f"the merge used {used / MiB:.0f} MiB above its import baseline, blocks of {BLOCK / MiB:.0f} MiB"
     tensors = {t.name: t for t in gguf.GGUFReader(the_gguf(output)).tensors}
     assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType[gguf_type.upper()]

@@ -131,6 +131,17 @@ def _imported_modules(importtime_stderr: str) -> list[str]:
     return modules
 
 
+def merge_memory(args: list[str], tmp_path: Path) -> tuple[int, list[str]]:
+    """Run ``merge-hooks merge ARGS`` in a fresh process: its peak RSS above a process that only imports the
+    same modules, and the modules it imported."""
+    merged_rss, stderr = _run_measured([sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge", *args])
+    modules = _imported_modules(stderr)
+    module_list = tmp_path / "modules.txt"
+    module_list.write_text("\n".join(modules))
+    baseline_rss, _ = _run_measured([sys.executable, "-c", IMPORT_CODE, str(module_list)])
+    return merged_rss - baseline_rss, modules
+
+
 def _expected(name: str) -> torch.Tensor:
     """LM_Cocktail's arithmetic: w1*p1, then += w2*p2, ..."""
     index = int(name.removeprefix("layer").split(".")[0])
@@ -145,22 +156,15 @@ def _expected(name: str) -> torch.Tensor:
 @pytest.mark.parametrize("save_format", ["safetensors", "bin"])
 def test_stream_merge_memory_follows_the_block_size(big_models, tmp_path, save_format):
     output = tmp_path / "merged"
-    merged_rss, stderr = _run_measured([
-        sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge",
+    used, modules = merge_memory([
         "--model-type", "encoder", "--models", *map(str, big_models), "--weights", *map(str, WEIGHTS),
         "-o", str(output), "--engine", "stream", "--save-format", save_format, "-q",
-    ])
-    module_list = tmp_path / "modules.txt"
-    modules = _imported_modules(stderr)
+    ], tmp_path)
     assert "merge_hooks.pipeline" in modules
     # Safetensors inputs are merged on numpy arrays, whichever format is written.
     assert "torch" not in modules
-    module_list.write_text("\n".join(modules))
-    baseline_rss, _ = _run_measured([sys.executable, "-c", IMPORT_CODE, str(module_list)])
-
-    used = merged_rss - baseline_rss
     assert used < BOUND, (
-        f"the merge used {used / MiB:.0f} MiB above its import baseline ({baseline_rss / MiB:.0f} MiB), "
+        f"the merge used {used / MiB:.0f} MiB above its import baseline, "
         f"more than {BOUND / MiB:.0f} MiB; one input model is {MODEL_BYTES / MiB:.0f} MiB"
     )
 
@@ -206,15 +210,10 @@ def big_adapter(big_models, tmp_path_factory) -> Path:
 def test_stream_merge_with_an_adapter_stays_in_the_bound(big_models, big_adapter, tmp_path):
     """The adapter's delta is computed per block, in the same pass: memory follows the block size still."""
     output = tmp_path / "merged"
-    merged_rss, stderr = _run_measured([
-        sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge",
+    used, _ = merge_memory([
         "--model-type", "encoder", "--models", f"{big_models[0]}+{big_adapter}", *map(str, big_models[1:]),
         "--weights", *map(str, WEIGHTS), "-o", str(output), "-q",
-    ])
-    module_list = tmp_path / "modules.txt"
-    module_list.write_text("\n".join(_imported_modules(stderr)))
-    baseline_rss, _ = _run_measured([sys.executable, "-c", IMPORT_CODE, str(module_list)])
-    used = merged_rss - baseline_rss
+    ], tmp_path)
     assert used < BOUND, (
         f"the merge with an adapter used {used / MiB:.0f} MiB above its import baseline, more than "
         f"{BOUND / MiB:.0f} MiB; one input model is {MODEL_BYTES / MiB:.0f} MiB"
@@ -235,15 +234,10 @@ def test_stream_merge_with_an_adapter_stays_in_the_bound(big_models, big_adapter
 def test_stream_merge_of_bin_inputs_stays_in_the_bound(big_bin_models, tmp_path):
     """``.bin`` inputs are read from a mapping of the file; the pages of each block are let go once copied."""
     output = tmp_path / "merged"
-    merged_rss, stderr = _run_measured([
-        sys.executable, "-X", "importtime", "-m", "merge_hooks", "merge",
+    used, _ = merge_memory([
         "--model-type", "encoder", "--models", *map(str, big_bin_models), "--weights", *map(str, WEIGHTS),
         "-o", str(output), "--engine", "stream", "--save-format", "safetensors", "-q",
-    ])
-    module_list = tmp_path / "modules.txt"
-    module_list.write_text("\n".join(_imported_modules(stderr)))
-    baseline_rss, _ = _run_measured([sys.executable, "-c", IMPORT_CODE, str(module_list)])
-    used = merged_rss - baseline_rss
+    ], tmp_path)
     assert used < BOUND, (
         f"the merge of .bin inputs used {used / MiB:.0f} MiB above its import baseline, more than "
         f"{BOUND / MiB:.0f} MiB; one input model is {MODEL_BYTES / MiB:.0f} MiB"
