@@ -88,7 +88,6 @@ def merge_lora(
     embedding: bool = False,
     fan_in_fan_out: bool = False,
     magnitude: Optional["torch.Tensor"] = None,
-    rows: Optional[tuple[int, int]] = None,
 ) -> "torch.Tensor":
     """``weight`` with one LoRA module merged, exactly as peft 0.21.2 merges it on CPU.
 
@@ -98,10 +97,7 @@ def merge_lora(
     ``lora_B`` are taken in float32, as ``PeftModel.from_pretrained`` upcasts them (``autocast_adapter_dtype``).
     The result has ``weight``'s dtype; ``weight`` may be modified in place.
 
-    With ``rows=(start, stop)``, ``weight`` is that block of the weight's rows and only their delta is
-    computed (rows of ``B @ A``, or columns where the product is transposed): a product of two or more
-    rows has the bits of the same rows of the whole product. DoRA with a transposed delta (embeddings,
-    ``fan_in_fan_out``) needs norms over all rows and is not computed per block (see :meth:`Adapter.needs_whole`).
+    The whole weight is merged at once (see :meth:`Adapter.needs_whole`).
 
     Example:
         >>> merged = merge_lora(base["q_proj.weight"], ad["q_proj.lora_A.weight"], ad["q_proj.lora_B.weight"], scaling=2.0)
@@ -110,14 +106,6 @@ def merge_lora(
 
     lora_A, lora_B = lora_A.float(), lora_B.float()
     transposed = embedding or fan_in_fan_out
-    if rows is not None:
-        if magnitude is not None and transposed:
-            raise ValueError("DoRA on an embedding or fan_in_fan_out layer is merged whole, not per block")
-        if transposed:
-            lora_A = lora_A[:, rows[0]:rows[1]]
-        else:
-            lora_B = lora_B[rows[0]:rows[1]]
-            magnitude = None if magnitude is None else magnitude[rows[0]:rows[1]]
     if embedding:
         delta = (lora_B @ lora_A).T * scaling
     else:
@@ -188,12 +176,15 @@ class Adapter:
         return self.reader.get(name)
 
     def needs_whole(self, name: str) -> bool:
-        """Whether base tensor ``name`` must be merged whole: DoRA norms taken across its rows."""
-        module = self.modules.get(name)
-        return (
-            module is not None and "magnitude" in module.tensors
-            and (module.embedding or self.fan_in_fan_out)
-        )
+        """Whether base tensor ``name`` must be merged whole: it has a LoRA delta.
+
+        peft computes ``B @ A`` for the whole weight in one product, and BLAS libraries choose their kernels by
+        the matrix's shape: on an AMD EPYC with MKL, products of 1-7 or 17 rows differed in the last bit from
+        the same rows of the whole product (32 of 60 shapes tried), while an Intel Xeon gave equal bits. A
+        tensor with a delta is therefore merged whole, once, and its blocks cut from it; DoRA needs the
+        whole tensor anyway for its norms.
+        """
+        return name in self.modules
 
     def apply(self, name: str, tensor: "torch.Tensor", *, rows: Optional[tuple[int, int]] = None) -> "torch.Tensor":
         """``tensor`` (base tensor ``name``, or its ``rows``, in the dtype the base is loaded in) after this adapter."""
@@ -211,7 +202,6 @@ class Adapter:
                 embedding=module.embedding,
                 fan_in_fan_out=self.fan_in_fan_out and not module.embedding,
                 magnitude=self.tensor(module.tensors["magnitude"]) if "magnitude" in module.tensors else None,
-                rows=rows,
             )
         module = self.biases.get(name)
         if module is not None:
@@ -556,8 +546,8 @@ class AdaptedCheckpoint:
         """Tensor ``name`` (or its ``rows=(start, stop)``) of the base with every adapter merged, in
         ``specs[name].dtype``."""
         spec = self.specs[name]
-        # DoRA norms across rows, and an emb.pth (one pickle, read whole) replacing the embedding: merged whole
-        # once, and kept while its blocks are asked for.
+        # A LoRA delta (one product, as peft computes it) and an emb.pth (one pickle, read whole) replacing the
+        # embedding: merged whole once, and kept while its blocks are asked for.
         if rows is not None and (name == self.embedding_name or any(a.needs_whole(name) for a in self.adapters)):
             if self._whole is None or self._whole[0] != name:
                 self._whole = None
