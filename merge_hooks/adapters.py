@@ -106,11 +106,10 @@ def merge_lora(
 
     lora_A, lora_B = lora_A.float(), lora_B.float()
     transposed = embedding or fan_in_fan_out
-    if embedding:
-        delta = (lora_B @ lora_A).T * scaling
-    else:
-        delta = lora_B @ lora_A
-        delta = (delta.T if fan_in_fan_out else delta) * scaling
+    # Scaled in place: the same bits as peft's ``(...) * scaling``, without a second copy of the delta.
+    delta = (lora_B @ lora_A).mul_(scaling)
+    if embedding or fan_in_fan_out:
+        delta = delta.T
     if magnitude is None:
         # Linear adds the float32 delta in place (one rounding into W's dtype); Embedding rounds the delta first.
         return weight.add_(delta.to(weight.dtype) if embedding else delta)

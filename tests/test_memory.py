@@ -208,15 +208,19 @@ def big_adapter(big_models, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_stream_merge_with_an_adapter_stays_in_the_bound(big_models, big_adapter, tmp_path):
-    """The adapter's delta is computed per block, in the same pass: memory follows the block size still."""
+    """A tensor with a LoRA delta is merged whole, as peft computes it (see ``Adapter.needs_whole``): memory
+    follows the block size plus that one tensor and its delta, never a whole model."""
     output = tmp_path / "merged"
     used, _ = merge_memory([
         "--model-type", "encoder", "--models", f"{big_models[0]}+{big_adapter}", *map(str, big_models[1:]),
         "--weights", *map(str, WEIGHTS), "-o", str(output), "-q",
     ], tmp_path)
-    assert used < BOUND, (
+    bound = BOUND + 2 * TENSOR_BYTES
+    assert bound < MODEL_BYTES
+    assert used < bound, (
         f"the merge with an adapter used {used / MiB:.0f} MiB above its import baseline, more than "
-        f"{BOUND / MiB:.0f} MiB; one input model is {MODEL_BYTES / MiB:.0f} MiB"
+        f"{bound / MiB:.0f} MiB; one input model is {MODEL_BYTES / MiB:.0f} MiB, its largest tensor "
+        f"{TENSOR_BYTES / MiB:.0f} MiB"
     )
     adapter = load_file(str(big_adapter / "adapter_model.safetensors"))
     merged = load_file(str(output / "model.safetensors"))
