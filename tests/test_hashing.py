@@ -12,7 +12,7 @@ from blake3 import blake3
 
 from helpers import merge
 from merge_hooks.io import hashing
-from merge_hooks.io.hashing import HashingFile
+from merge_hooks.io.hashing import WeightFile
 from merge_hooks.io.safetensors_io import write_safetensors
 from merge_hooks.io.torch_io import write_torch
 from merge_hooks.tensors import TensorSource
@@ -48,7 +48,7 @@ def test_hash_file_knows_the_manifest_algorithms(tmp_path):
 
 def test_hashing_thread_stops_when_the_writer_fails(tmp_path):
     with pytest.raises(RuntimeError, match="writer failed"):
-        with open(tmp_path / "partial", "wb") as raw, HashingFile(raw) as f:
+        with open(tmp_path / "partial", "wb") as raw, WeightFile(raw) as f:
             f.write(b"x" * 10_000)
             raise RuntimeError("writer failed")
     assert not f._thread.is_alive()
@@ -56,7 +56,7 @@ def test_hashing_thread_stops_when_the_writer_fails(tmp_path):
 
 def test_hashing_file_digests_every_write_in_order(tmp_path):
     parts = [bytes([i]) * (i * 1000 + 1) for i in range(50)] + [memoryview(torch.arange(1000.0).numpy()).cast("B")]
-    with open(tmp_path / "out", "wb") as raw, HashingFile(raw) as f:
+    with open(tmp_path / "out", "wb") as raw, WeightFile(raw) as f:
         for part in parts:
             f.write(part)
         assert f.tell() == sum(len(bytes(p)) for p in parts)
@@ -112,3 +112,42 @@ def test_writeback_starts_through_libc_and_leaves_the_data_intact(tmp_path):
         hashing.start_writeback(f.fileno(), 0, len(data))
         hashing.start_writeback(-1, 0, 1)  # a failing call is only logged
     assert (tmp_path / "f").read_bytes() == data
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_direct_and_page_cache_writes_give_the_same_bytes(direct, tmp_path, monkeypatch):
+    """O_DIRECT writes go through small aligned buffers here, so parts straddle buffer and alignment edges."""
+    monkeypatch.setenv(hashing.DIRECT_ENV, direct)
+    monkeypatch.setattr(hashing, "DIRECT_CHUNK", 2 * hashing.DIRECT_ALIGNMENT)
+    sizes = [0, 1, 4095, 4096, 4097, 8191, 8192, 8193, 3, 20000, 5]
+    parts = [bytes([i + 1]) * size for i, size in enumerate(sizes)]
+    for count in range(len(parts) + 1):  # every length of file, aligned or not, including empty
+        path = tmp_path / f"out-{count}"
+        with open(path, "wb") as raw, WeightFile(raw) as f:
+            if direct == "0":
+                assert f._direct is None
+            for part in parts[:count]:
+                f.write(part)
+            assert f.tell() == sum(map(len, parts[:count]))
+            digest = f.hexdigest()
+        expected = b"".join(parts[:count])
+        assert path.read_bytes() == expected
+        assert digest == blake3(expected).hexdigest()
+
+
+def test_a_failed_direct_write_is_raised_in_the_writer(tmp_path, monkeypatch):
+    import os
+
+    with open(tmp_path / "probe", "wb") as raw, WeightFile(raw, None) as f:
+        if f._direct is None:
+            pytest.skip("this file system refuses O_DIRECT")
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with open(tmp_path / "out", "wb") as raw, WeightFile(raw) as f:
+            monkeypatch.setattr(os, "pwrite", full_disk)  # after the probe write at open
+            for _ in range(3 * hashing.DIRECT_BUFFERS):
+                f.write(b"x" * hashing.DIRECT_CHUNK)
+    assert not f._direct._thread.is_alive() and not f._thread.is_alive()

@@ -42,7 +42,7 @@ class WriteOptions:
     metadata: dict[str, str] = field(default_factory=dict)
     progress: Callable[[int], None] | None = None
     #: When set, formats that can hash files while writing them record each file's hex digest here (by
-    #: path; :data:`merge_hooks.io.hashing.ALGORITHM`, see :class:`~merge_hooks.io.hashing.HashingFile`),
+    #: path; :data:`merge_hooks.io.hashing.ALGORITHM`, see :class:`~merge_hooks.io.hashing.WeightFile`),
     #: so the manifest need not read them again; files left out are hashed afterwards.
     digests: dict[Path, str] | None = None
     #: Every format written in this run, by name (a format learns whether torch weights were asked for).

@@ -9,7 +9,6 @@ numpy arrays and skips torch's import.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import numpy as np
 
 from ..dtypes import BY_CODE
 from ..tensors import TensorSource, TensorSpec
-from .hashing import HashingFile
+from .hashing import ALGORITHM, WeightFile
 
 if TYPE_CHECKING:
     import torch
@@ -269,7 +268,7 @@ def write_safetensors(
         source: the tensors to write, in file order.
         metadata: strings stored in ``__metadata__``, on top of ``{"format": "pt"}``.
         progress: called with each tensor's byte count once it is written (e.g. ``tqdm.update``).
-        digest: also hash the file while writing it (see :class:`~merge_hooks.io.hashing.HashingFile`).
+        digest: also hash the file while writing it (see :class:`~merge_hooks.io.hashing.WeightFile`).
 
     Returns:
         The file's hex digest (:data:`~merge_hooks.io.hashing.ALGORITHM`) when ``digest`` is set, else None.
@@ -284,7 +283,7 @@ def write_safetensors(
         >>> write_safetensors("model.safetensors", source, metadata={"merged_by": "merge-hooks"})
     """
     header_bytes = _build_header(source, {"format": "pt", **(metadata or {})})
-    with open(path, "wb") as raw, (HashingFile(raw) if digest else contextlib.nullcontext(raw)) as f:
+    with open(path, "wb") as raw, WeightFile(raw, ALGORITHM if digest else None) as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for spec in source.specs:

@@ -10,7 +10,6 @@ them. The reader maps the file with ``torch.load(weights_only=True, mmap=True)``
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import io
 import logging
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from ..dtypes import DType
 from ..tensors import TensorSource, TensorSpec
-from .hashing import HashingFile
+from .hashing import ALGORITHM, WeightFile
 from .libc import libc_function
 from .safetensors_io import write_blocks
 
@@ -239,7 +238,7 @@ def write_torch(
         path: the file to create (overwritten if it exists).
         source: the tensors to write, in file order.
         progress: called with each tensor's byte count once it is written (e.g. ``tqdm.update``).
-        digest: also hash the file while writing it (see :class:`~merge_hooks.io.hashing.HashingFile`).
+        digest: also hash the file while writing it (see :class:`~merge_hooks.io.hashing.WeightFile`).
 
     Returns:
         The file's hex digest (:data:`~merge_hooks.io.hashing.ALGORITHM`) when ``digest`` is set, else None.
@@ -259,7 +258,7 @@ def write_torch(
     if len(set(names)) != len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"tensor names must be unique; repeated: {repeated}")
-    with open(path, "wb") as raw, (HashingFile(raw) if digest else contextlib.nullcontext(raw)) as f:
+    with open(path, "wb") as raw, WeightFile(raw, ALGORITHM if digest else None) as f:
         archive = _ArchiveWriter(f, archive_name(path))
         # The small records torch.save writes before the data, in its order.
         archive.write("data.pkl", pickle_state_dict(specs))

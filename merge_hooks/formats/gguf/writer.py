@@ -282,7 +282,7 @@ def write_gguf(
     import gguf
     import numpy as np
 
-    from ...io.hashing import HashingFile
+    from ...io.hashing import WeightFile
 
     family = family_for(config)
     gguf_type = gguf_type or default_gguf_type(source.specs)
@@ -313,7 +313,7 @@ def write_gguf(
         encoders: dict = {}
         with contextlib.ExitStack() as stack:
             # The converted pieces live in reused scratch arrays: each is hashed before the next is made.
-            files = ([stack.enter_context(HashingFile(f, reuses_buffers=True)) for f in writer.fout]
+            files = ([stack.enter_context(WeightFile(f, reuses_buffers=True)) for f in writer.fout]
                      if digests is not None else list(writer.fout))
             # numpy lets go of the GIL in its loops: converting one block in this thread overlaps merging the next.
             behind = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-hooks-gguf"))
