@@ -10,7 +10,7 @@ import torch
 
 from helpers import merge_in_subprocess
 from merge_hooks import dtypes
-from merge_hooks.engines.stream import _Buffers, _NumpyMath, _TorchMath, stream_merge
+from merge_hooks.engines.stream import _BlockPool, _Buffers, _NumpyMath, _TorchMath, stream_merge
 from merge_hooks.preflight import load_inputs
 
 def _float32_cases(n_random: int = 200_000) -> np.ndarray:
@@ -110,3 +110,23 @@ def test_merging_safetensors_never_imports_torch(make_models, tmp_path):
         slow = torch.load(tmp_path / folder / "pytorch_model.bin", weights_only=True)
         assert sorted(fast) == sorted(slow)
         assert all(torch.equal(fast[k].view(torch.uint8), slow[k].view(torch.uint8)) for k in fast), folder
+
+
+def test_pooled_blocks_are_reused_only_once_nothing_holds_them():
+    pool = _BlockPool(4096)
+    first = pool.empty(dtypes.float32, (8, 16))
+    view = memoryview(first.reshape(-1).view(np.uint8))  # as a writer or the hashing thread holds a block
+    del first
+    second = pool.empty(dtypes.bfloat16, (4, 8))
+    assert not np.shares_memory(second, np.frombuffer(view, np.uint8))
+    del view
+    third = pool.empty(dtypes.float16, (2, 3))
+    fourth = pool.empty(dtypes.float16, (2, 3))
+    assert np.shares_memory(third, np.frombuffer(memoryview(pool._arrays[0]), np.uint8))
+    assert not np.shares_memory(third, fourth)
+    assert pool.empty(dtypes.float32, (2048,)).size == 2048  # larger than the pool's arrays: a new one
+    assert len(pool._arrays) == 3
+    for _ in range(2 * _BlockPool.LIMIT):  # every pooled array held: new arrays, the pool stops growing
+        held = [pool.empty(dtypes.float32, (10,)) for _ in range(_BlockPool.LIMIT + 1)]
+        assert len({h.__array_interface__["data"][0] for h in held}) == len(held)
+    assert len(pool._arrays) == _BlockPool.LIMIT
