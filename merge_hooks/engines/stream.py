@@ -83,7 +83,7 @@ class _BlockPool:
     """
 
     #: Arrays kept; when all are in use, a block gets a new array that is not kept.
-    LIMIT = 16
+    LIMIT = 8
 
     def __init__(self, capacity: int) -> None:
         import numpy as np

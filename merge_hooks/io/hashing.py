@@ -3,9 +3,11 @@ sent to the disk as they go.
 
 The manifest records a digest of every file. Reading each file back after writing it cost a third
 of a BERT-base merge; reading it back right behind the writer still copied every byte out of the page
-cache once more. A :class:`WeightFile` instead passes every buffer written to a thread that hashes it
-from memory: the writer goes on at once, and the thread holds at most :data:`PENDING` buffers, which
-the writer was holding anyway (row blocks of a few MiB, so memory stays bounded).
+cache once more. A :class:`WeightFile` instead hashes every buffer from memory as it is written: in
+the writer's thread when the bytes have just been copied for ``O_DIRECT`` (see below; blake3 lets go
+of the GIL, and the writer mostly waits for the merge anyway), otherwise in a thread that holds at
+most :data:`PENDING` buffers, which the writer was holding anyway (row blocks of a few MiB, so memory
+stays bounded).
 
 The digest is BLAKE3 (the ``blake3`` package): as collision-resistant as SHA-256 for this purpose and
 4x faster on this kind of machine (4.3 GB/s against 1.0 GB/s with SHA extensions, one core), which
@@ -42,7 +44,7 @@ ALGORITHM = "blake3"
 #: Algorithms a manifest may name: ``sha256`` is what merge-hooks 0.1 manifests used.
 ALGORITHMS = ("blake3", "sha256")
 #: Buffers written but not yet hashed before the writer waits for the hashing thread.
-PENDING = 4
+PENDING = 2
 #: Bytes read at a time when a whole file is hashed.
 CHUNK = 4 * 2**20
 #: Written bytes after which the kernel is asked to start writing them back (page-cache writes only).
@@ -83,8 +85,8 @@ def hash_file(path: str | Path, algorithm: str = ALGORITHM) -> str:
 
 
 class WeightFile:
-    """Wraps a binary file open for writing and empty: ``write`` appends, hashing (in a thread) when given an
-    ``algorithm``; ``tell`` counts the bytes written.
+    """Wraps a binary file open for writing and empty: ``write`` appends, hashing when given an ``algorithm``;
+    ``tell`` counts the bytes written.
 
     Buffers given to ``write`` must not change afterwards (the thread may still be reading them);
     writers hand over blocks they are done with, and bytes. A writer that reuses its buffers passes
@@ -102,7 +104,6 @@ class WeightFile:
 
     def __init__(self, f, algorithm: Optional[str] = ALGORITHM, *, reuses_buffers: bool = False):
         self._f = f
-        self._reuses_buffers = reuses_buffers
         self._written_back = self._unflushed = 0
         self._hash = new_hash(algorithm) if algorithm else None
         self._error: Optional[BaseException] = None
@@ -114,10 +115,13 @@ class WeightFile:
             with open(f.name, "rb", buffering=0) as existing:  # f itself is open for writing only
                 self._hash_prefix(existing.fileno(), start)
         self._direct = None if start else _DirectSink.open(f.name)
+        # Hashed in the writer's thread: a buffer about to be reused, or one already copied for O_DIRECT (the
+        # writer waits for the merge most of the time, blake3 lets go of the GIL, and the block is let go at once).
+        self._hash_inline = reuses_buffers or self._direct is not None
         # Buffers to hash (memoryviews) and ranges to write back ((offset, length)), in the order written.
         self._pending: queue.Queue = queue.Queue(maxsize=PENDING)
         self._thread: Optional[threading.Thread] = None
-        if (self._hash is not None and not reuses_buffers) or self._direct is None:
+        if (self._hash is not None and not self._hash_inline) or self._direct is None:
             self._thread = threading.Thread(target=self._run, name="merge-hooks-hash", daemon=True)
             self._thread.start()
 
@@ -146,7 +150,7 @@ class WeightFile:
                 self._pending.put((self._written_back, end - self._written_back))
                 self._written_back, self._unflushed = end, 0
         if self._hash is not None:
-            if self._reuses_buffers:
+            if self._hash_inline:
                 self._hash.update(view)
             else:
                 self._pending.put(view)
