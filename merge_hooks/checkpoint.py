@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from .dtypes import DType
 from .errors import MergeHooksError
@@ -122,9 +122,10 @@ class Checkpoint:
             raise TypeError(f"{self.folder} holds {self.format} weights, which are read as torch tensors only")
         return self._reader(self._file_of[name]).get_array(name, out=out, rows=rows)
 
-    def read_elements(self, name: str, start: int, out: "numpy.ndarray") -> "numpy.ndarray":
-        """Elements ``start:start + out.size`` of tensor ``name``, flattened, read into ``out``; safetensors only."""
-        return self._reader(self._file_of[name]).read_elements(name, start, out)
+    def element_reader(self, name: str, start: int, count: int) -> Callable[[int, memoryview], None]:
+        """``read(i, view)``: tensor ``name``'s elements from ``start + i`` into ``view``'s bytes, within
+        ``start:start + count``; safetensors only (see :meth:`SafetensorsReader.element_reader`)."""
+        return self._reader(self._file_of[name]).element_reader(name, start, count)
 
     def __contains__(self, name: str) -> bool:
         return name in self.specs

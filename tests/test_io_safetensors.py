@@ -220,3 +220,20 @@ def test_write_and_read_memory_stay_near_one_tensor(tmp_path):
 
     read = run_peak_mb_script(_MEMORY_SCRIPT, "read", path)
     assert read < 2 * 50 + 100, f"reader peak RSS {read:.0f} MB above baseline"
+
+
+def test_element_reader_reads_pieces_of_a_range_and_nothing_outside_it(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.arange(7.0), "w": torch.arange(60, dtype=torch.bfloat16).reshape(6, 10)}, str(path))
+    with SafetensorsReader(path) as reader:
+        read = reader.element_reader("w", 20, 25)  # rows 2-4 of w, without the last 5 elements
+        piece = np.empty(8, np.uint16)
+        read(3, memoryview(piece.view(np.uint8)))
+        expected = torch.arange(23, 31, dtype=torch.bfloat16).view(torch.uint16).numpy()
+        assert np.array_equal(piece, expected)
+        with pytest.raises(ValueError, match="outside the elements 20:45 of tensor 'w'"):
+            read(20, memoryview(piece.view(np.uint8)))  # 40:48 runs past the range
+        with pytest.raises(ValueError, match="out of range for tensor 'w'"):
+            reader.element_reader("w", 50, 11)

@@ -11,7 +11,6 @@ same bits, and the merge skips importing torch (about a second).
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -202,49 +201,72 @@ class _NumpyMath:
         if np.isnan(np.max(acc, initial=0.0)):  # max propagates NaN without a mask the size of the tensor
             out[np.isnan(acc)] = 0x7FC0
 
-    def read_and_merge(self, readers: list[Callable[[int, Any], Any]], kinds: list[DType], weights: list[float],
-                       dtype: DType, start: int, shape: tuple[int, ...], buffers: _Buffers):
+    def read_and_merge(self, readers: list[Callable[[int, memoryview], None]], kinds: list[DType],
+                       weights: list[float], dtype: DType, shape: tuple[int, ...], buffers: _Buffers):
         """``sum(w * x)`` of one block in LM_Cocktail's order, rounded once to ``dtype``: a new array of ``shape``.
 
-        ``readers[i](offset, out)`` reads model i's elements from ``offset`` (counted over the whole tensor)
-        into ``out``; the block starts at element ``start``. The block is worked through in pieces of
-        :data:`PIECE` elements: each piece is read from the page cache into small buffers and goes
-        through every step (widen, scale, add, round) while it is in the core's cache, where reading the
-        whole block and then making one pass per step would stream it through memory again and again.
-        Each element sees the same operations in the same order, so the bits are those of
-        :meth:`cast` after :meth:`scale` and :meth:`add` over whole tensors.
+        ``readers[i](offset, view)`` reads model i's elements of the block from ``offset`` into the bytes of
+        ``view`` (see :meth:`~merge_hooks.io.safetensors_io.SafetensorsReader.element_reader`). The block is
+        worked through in pieces of :data:`PIECE` elements: each piece is read from the page cache into
+        small buffers and goes through every step (widen, scale, add, round) while it is in the core's
+        cache, where reading the whole block and then making one pass per step would stream it through
+        memory again and again. Each element sees the same operations in the same order, so the bits are
+        those of :meth:`cast` after :meth:`scale` and :meth:`add` over whole tensors. The loop is the
+        merge's hot path (one turn per 64Ki elements): everything it can be given ready-made is made
+        before it.
         """
         np = self.np
         out = self.blocks.empty(dtype, shape)
         flat_out = out.reshape(-1)
         size = flat_out.size
         if not kinds[-1].is_floating_point:
-            readers[-1](start, flat_out)  # integer tensors are the last model's, as in LM_Cocktail
+            readers[-1](0, memoryview(flat_out.view(np.uint8)))  # integer tensors are the last model's, as in LM_Cocktail
             return out
         step = max(1, min(PIECE, size))
         direct = dtype is dtypes.float32  # the sum is built in the output itself
+        bfloat16 = dtype is dtypes.bfloat16
         sums = None if direct else buffers.get("sum", dtypes.float32, (step,))
         terms = buffers.get("term", dtypes.float32, (step,))
+        work = buffers.get("round", dtypes.BY_NAME["uint32"], (step,)) if bfloat16 else None
         halves = {kind: buffers.get(f"read-{kind.name}", kind, (step,)) for kind in kinds if kind in dtypes.HALF}
+        models = list(zip(readers, weights, kinds))
+        left_shift, copyto, multiply, add, uint8, uint32 = np.left_shift, np.copyto, np.multiply, np.add, np.uint8, np.uint32
+        n = 0
         # Infinities and NaN flow through silently, as in torch.
         with np.errstate(over="ignore", invalid="ignore"):
             for offset in range(0, size, step):
-                n = min(step, size - offset)
-                acc = flat_out[offset:offset + n] if direct else sums[:n]
-                term = terms[:n]
-                for i, (read, weight, kind) in enumerate(zip(readers, weights, kinds)):
+                if n != min(step, size - offset):  # the first piece, and a shorter last one: views of that size
+                    n = min(step, size - offset)
+                    term = terms[:n]
+                    acc = sums[:n] if not direct else None
+                    if bfloat16:
+                        acc_bits, round_work = acc.view(np.uint32), work[:n]
+                    pieces = {kind: half[:n] for kind, half in halves.items()}
+                    views = {kind: memoryview(piece.view(np.uint8)) for kind, piece in pieces.items()}
+                if direct:
+                    acc = flat_out[offset:offset + n]
+                for i, (read, weight, kind) in enumerate(models):
                     into = term if i else acc
-                    if kind in dtypes.HALF:
-                        half = halves[kind][:n]
-                        read(start + offset, half)
-                        self.widen(half, into, kind)
+                    if kind is dtypes.bfloat16:  # a bfloat16 is the top half of the float32 of the same value
+                        read(offset, views[kind])
+                        left_shift(pieces[kind], 16, out=into.view(uint32), dtype=uint32)
+                    elif kind is dtypes.float16:
+                        read(offset, views[kind])
+                        copyto(into, pieces[kind])
                     else:  # float32, read straight where it is scaled
-                        read(start + offset, into)
-                    np.multiply(into, weight, out=into)
+                        read(offset, memoryview(into.view(uint8)))
+                    multiply(into, weight, out=into)
                     if i:
-                        np.add(acc, term, out=acc)
-                if not direct:
-                    self.cast_into(acc, flat_out[offset:offset + n], dtype, buffers)
+                        add(acc, term, out=acc)
+                if direct:
+                    continue
+                piece_out = flat_out[offset:offset + n]
+                if bfloat16:
+                    dtypes.round_to_bfloat16(acc_bits, round_work, piece_out)
+                    if np.isnan(np.max(acc, initial=0.0)):  # max propagates NaN without a mask
+                        piece_out[np.isnan(acc)] = 0x7FC0
+                else:
+                    self.cast_into(acc, piece_out, dtype, buffers)
         return out
 
 
@@ -403,10 +425,11 @@ def stream_merge(
         name, rows = key
         spec = specs_by_name[name]
         row_size = math.prod(spec.shape[1:])
-        readers = [functools.partial(model.checkpoint.read_elements, model.tensor_name(name)) for model in models]
+        shape = shape_of(spec, rows)
+        start, count = (rows[0] * row_size if rows else 0), math.prod(shape)
+        readers = [model.checkpoint.element_reader(model.tensor_name(name), start, count) for model in models]
         kinds = [model.checkpoint.specs[model.tensor_name(name)].dtype for model in models]
-        start = rows[0] * row_size if rows else 0
-        return ops.read_and_merge(readers, kinds, weights, out_dtypes[name], start, shape_of(spec, rows), work)
+        return ops.read_and_merge(readers, kinds, weights, out_dtypes[name], shape, work)
 
     specs_by_name = {spec.name: spec for spec in specs}
     plan = [(spec.name, rows) for spec in specs for rows in row_ranges(spec, budget)]
