@@ -188,16 +188,17 @@ class _NumpyMath:
             return acc
         out = self.np.empty(acc.shape, dtype.storage)
         with self.np.errstate(over="ignore"):  # values past float16's range become inf, as in torch
-            self.cast_into(acc, out, dtype, buffers)
+            self.cast_into(acc, out, dtype, buffers.get("round", dtypes.BY_NAME["uint32"], acc.shape))
         return out
 
-    def cast_into(self, acc, out, dtype: DType, buffers: _Buffers) -> None:
-        """Round the float32 ``acc`` into ``out``, an array of ``dtype``'s storage of the same shape."""
+    def cast_into(self, acc, out, dtype: DType, work) -> None:
+        """Round the float32 ``acc`` into ``out``, an array of ``dtype``'s storage of the same shape; ``work`` is
+        uint32 scratch of that shape (used for bfloat16)."""
         np = self.np
         if dtype is not dtypes.bfloat16:
             np.copyto(out, acc, casting="unsafe")
             return
-        dtypes.round_to_bfloat16(acc.view(np.uint32), buffers.get("round", dtypes.BY_NAME["uint32"], acc.shape), out)
+        dtypes.round_to_bfloat16(acc.view(np.uint32), work, out)
         if np.isnan(np.max(acc, initial=0.0)):  # max propagates NaN without a mask the size of the tensor
             out[np.isnan(acc)] = 0x7FC0
 
@@ -224,13 +225,12 @@ class _NumpyMath:
             return out
         step = max(1, min(PIECE, size))
         direct = dtype is dtypes.float32  # the sum is built in the output itself
-        bfloat16 = dtype is dtypes.bfloat16
         sums = None if direct else buffers.get("sum", dtypes.float32, (step,))
         terms = buffers.get("term", dtypes.float32, (step,))
-        work = buffers.get("round", dtypes.BY_NAME["uint32"], (step,)) if bfloat16 else None
+        work = None if direct else buffers.get("round", dtypes.BY_NAME["uint32"], (step,))
         halves = {kind: buffers.get(f"read-{kind.name}", kind, (step,)) for kind in kinds if kind in dtypes.HALF}
         models = list(zip(readers, weights, kinds))
-        left_shift, copyto, multiply, add, uint8, uint32 = np.left_shift, np.copyto, np.multiply, np.add, np.uint8, np.uint32
+        widen, cast_into, multiply, add, uint8 = self.widen, self.cast_into, np.multiply, np.add, np.uint8
         n = 0
         # Infinities and NaN flow through silently, as in torch.
         with np.errstate(over="ignore", invalid="ignore"):
@@ -239,34 +239,23 @@ class _NumpyMath:
                     n = min(step, size - offset)
                     term = terms[:n]
                     acc = sums[:n] if not direct else None
-                    if bfloat16:
-                        acc_bits, round_work = acc.view(np.uint32), work[:n]
+                    round_work = work[:n] if not direct else None
                     pieces = {kind: half[:n] for kind, half in halves.items()}
                     views = {kind: memoryview(piece.view(np.uint8)) for kind, piece in pieces.items()}
                 if direct:
                     acc = flat_out[offset:offset + n]
                 for i, (read, weight, kind) in enumerate(models):
                     into = term if i else acc
-                    if kind is dtypes.bfloat16:  # a bfloat16 is the top half of the float32 of the same value
+                    if kind in views:
                         read(offset, views[kind])
-                        left_shift(pieces[kind], 16, out=into.view(uint32), dtype=uint32)
-                    elif kind is dtypes.float16:
-                        read(offset, views[kind])
-                        copyto(into, pieces[kind])
+                        widen(pieces[kind], into, kind)
                     else:  # float32, read straight where it is scaled
                         read(offset, memoryview(into.view(uint8)))
                     multiply(into, weight, out=into)
                     if i:
                         add(acc, term, out=acc)
-                if direct:
-                    continue
-                piece_out = flat_out[offset:offset + n]
-                if bfloat16:
-                    dtypes.round_to_bfloat16(acc_bits, round_work, piece_out)
-                    if np.isnan(np.max(acc, initial=0.0)):  # max propagates NaN without a mask
-                        piece_out[np.isnan(acc)] = 0x7FC0
-                else:
-                    self.cast_into(acc, piece_out, dtype, buffers)
+                if not direct:
+                    cast_into(acc, flat_out[offset:offset + n], dtype, round_work)
         return out
 
 
