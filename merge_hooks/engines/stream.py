@@ -91,6 +91,18 @@ class _BlockPool:
         self._capacity = capacity
         self._arrays: list = []
         self._lock = threading.Lock()
+        # What getrefcount says of an array only the pool holds, found out rather than assumed (interpreters
+        # differ in the references they count); where one more holder does not show, nothing is reused.
+        probe = [np.empty(0)]
+        self._unused: Optional[int] = self._references(probe, 0)
+        held = probe[0]
+        if self._references(probe, 0) != self._unused + 1:
+            self._unused = None
+        del held
+
+    @staticmethod
+    def _references(arrays: list, i: int) -> int:
+        return sys.getrefcount(arrays[i])
 
     def empty(self, dtype: DType, shape: tuple[int, ...]):
         """An uninitialised array of ``dtype``'s storage and ``shape``, for a block nothing else uses."""
@@ -98,9 +110,8 @@ class _BlockPool:
         raw = None
         if nbytes <= self._capacity:
             with self._lock:
-                # The pool's list and getrefcount's argument are the only references to an array in no use.
                 raw = next((self._arrays[i] for i in range(len(self._arrays))
-                            if sys.getrefcount(self._arrays[i]) == 2), None)
+                            if self._references(self._arrays, i) == self._unused), None)
                 if raw is None and len(self._arrays) < self.LIMIT:
                     raw = self._np.empty(self._capacity, self._np.uint8)
                     self._arrays.append(raw)
