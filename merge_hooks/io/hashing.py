@@ -231,12 +231,12 @@ class _DirectSink:
             fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
         except OSError:
             return None
-        probe = mmap.mmap(-1, DIRECT_ALIGNMENT)  # anonymous maps are page-aligned
-        try:
-            written = os.pwrite(fd, probe, 0)
-        except OSError as exc:
-            written = 0
-            logger.debug("O_DIRECT write refused (%s); writing %s through the page cache", exc, path)
+        with mmap.mmap(-1, DIRECT_ALIGNMENT) as probe:  # anonymous maps are page-aligned
+            try:
+                written = os.pwrite(fd, probe, 0)
+            except OSError as exc:
+                written = 0
+                logger.debug("O_DIRECT write refused (%s); writing %s through the page cache", exc, path)
         if written != DIRECT_ALIGNMENT:
             os.close(fd)
             return None
