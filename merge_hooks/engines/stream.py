@@ -2,8 +2,8 @@
 
 Each tensor is merged in blocks of rows (:data:`~merge_hooks.tensors.BLOCK_BYTES` of float32 work each,
 ``MERGE_HOOKS_BLOCK_SIZE`` to change it), so memory stays near a few blocks whatever the size of the
-models and of their largest tensor; the arithmetic is elementwise, so blocks give the same bits. A
-thread reads and merges the next blocks while the writer writes the current one. Nothing here imports
+models and of their largest tensor; the arithmetic is elementwise, so blocks give the same bits.
+Worker threads read and merge the next blocks while the writer writes the current one. Nothing here imports
 transformers. The arithmetic runs on torch tensors, or on numpy arrays when every input is
 safetensors in float32, float16 or bfloat16 and the output format takes arrays: the result is the
 same bits, and the merge skips importing torch (about a second).
@@ -33,10 +33,15 @@ logger = logging.getLogger(__name__)
 # The dtypes the numpy arithmetic handles (float64 and float8 inputs take the torch path).
 ARRAY_DTYPES = (dtypes.float32, dtypes.float16, dtypes.bfloat16)
 # Elements of a block the numpy arithmetic reads and works on at a time (see :meth:`_NumpyMath.read_and_merge`):
-# 256 KB of float32, which keeps a piece's inputs, sum and scratch in a core's L2 cache. The arithmetic of a
-# bfloat16 merge of two models (64Mi values in memory, every step included) took 0.145 s in pieces of 64Ki
-# elements against 0.196 s in 8 MiB blocks with reused buffers; reading in pieces also keeps the reads in cache.
-PIECE = 2**16
+# 1 MiB of float32, which keeps a piece's inputs, sum and scratch in the cache. Pieces of 64Ki elements kept them
+# in a core's L2 and were the fastest for one worker, but two workers hand the GIL to each other at every numpy
+# call, and each hand-off wakes a thread: with 256Ki elements a piece makes a quarter of the calls. Two workers
+# with 256Ki-element pieces against one with 64Ki (stack A, two cores, best of 5 interleaved runs of the CLI):
+# bfloat16 0.8B decoder x2 1.50 -> 1.28 s, x3 1.95 -> 1.73 s, two 128256 x 4096 bfloat16 pairs 2.30 -> 1.76 s,
+# BERT-base x3 0.48 -> 0.45 s (there the disk is the bound).
+PIECE = 2**18
+# Threads that read and merge blocks ahead of the writer on the numpy path (at most one per core).
+NUMPY_WORKERS = 2
 # Overrides the block size (bytes of float32 work per block, e.g. "4MiB").
 BLOCK_SIZE_ENV = "MERGE_HOOKS_BLOCK_SIZE"
 
@@ -433,10 +438,12 @@ def stream_merge(
 
     specs_by_name = {spec.name: spec for spec in specs}
     plan = [(spec.name, rows) for spec in specs for rows in row_ranges(spec, budget)]
-    # One worker reads and merges the next blocks while the writer writes (and a thread hashes) this one. A
-    # second numpy worker made a bfloat16 merge slower, not faster (0.8B decoder, N=2: 3.0 s -> 3.4-4.0 s on
-    # two cores): the pieces' reads and arithmetic are bound by memory bandwidth, which the workers share.
-    ahead = _Ahead(plan, read_and_merge if isinstance(ops, _NumpyMath) else merge, lambda: _Buffers(ops), workers=1)
+    # Two numpy workers read and merge the next blocks while the writer writes (and hashes) this one: one
+    # worker was the bound of every bfloat16 merge (see PIECE). The torch path keeps one: torch's kernels use
+    # every core themselves.
+    numpy_path = isinstance(ops, _NumpyMath)
+    workers = min(NUMPY_WORKERS, os.cpu_count() or 1) if numpy_path else 1
+    ahead = _Ahead(plan, read_and_merge if numpy_path else merge, lambda: _Buffers(ops), workers=workers)
 
     def block(name: str, rows: RowRange) -> Any:
         return ahead.take((name, rows))

@@ -243,12 +243,15 @@ class _DirectSink:
         return cls(fd)
 
     def __init__(self, fd: int) -> None:
+        import numpy as np
+
+        self._np = np
         self._fd = fd
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(DIRECT_BUFFERS):
-            self._free.put(mmap.mmap(-1, DIRECT_CHUNK))
+            self._free.put(np.frombuffer(mmap.mmap(-1, DIRECT_CHUNK), np.uint8))
         self._full: queue.SimpleQueue = queue.SimpleQueue()
-        self._buffer: Optional[mmap.mmap] = None
+        self._buffer: Any = None
         self._used = 0  # bytes of self._buffer filled
         self._offset = 0  # file offset of self._buffer
         self._error: Optional[BaseException] = None
@@ -266,7 +269,8 @@ class _DirectSink:
             if self._buffer is None:
                 self._buffer = self._free.get()
             n = min(DIRECT_CHUNK - self._used, view.nbytes - done)
-            self._buffer[self._used:self._used + n] = view[done:done + n]
+            # numpy's copy lets go of the GIL (a slice assignment would hold it, and stall the merge's threads)
+            self._np.copyto(self._buffer[self._used:self._used + n], self._np.frombuffer(view[done:done + n], self._np.uint8))
             self._used += n
             done += n
             if self._used == DIRECT_CHUNK:
@@ -281,7 +285,7 @@ class _DirectSink:
         size = self.tell()
         if self._used:
             padded = -(-self._used // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-            self._buffer[self._used:padded] = bytes(padded - self._used)
+            self._buffer[self._used:padded] = 0
             self._send(padded)
         self._full.put(None)
         self._thread.join()
