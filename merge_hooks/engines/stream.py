@@ -229,7 +229,7 @@ class _NumpyMath:
         cache, where reading the whole block and then making one pass per step would stream it through
         memory again and again. Each element sees the same operations in the same order, so the bits are
         those of :meth:`cast` after :meth:`scale` and :meth:`add` over whole tensors. The loop is the
-        merge's hot path (one turn per 64Ki elements): everything it can be given ready-made is made
+        merge's hot path (one turn per 256Ki elements): everything it can be given ready-made is made
         before it.
         """
         np = self.np
