@@ -343,6 +343,7 @@ class Measurement:
     peak_rss: int  # bytes
     returncode: int
     timed_out: bool = False
+    parts: tuple[float, ...] = ()  # the raw and durable floors: wall seconds of each of their three processes
 
     @property
     def ok(self) -> bool:
@@ -564,7 +565,7 @@ class Bench:
         return Measurement(
             wall=sum(m.wall for m in parts), cpu=sum(m.cpu for m in parts), sys=sum(m.sys for m in parts),
             peak_rss=max(m.peak_rss for m in parts), returncode=max(m.returncode for m in parts),
-            timed_out=any(m.timed_out for m in parts),
+            timed_out=any(m.timed_out for m in parts), parts=tuple(m.wall for m in parts),
         )
 
     def cocktail_argv(self, method: str, model_key: str, paths: list[Path], output: Path) -> list[str]:
@@ -655,6 +656,8 @@ class Bench:
                 else:
                     m = self.run(key, make_argv(output), timeout=args.time_cap, output=output, mkdir=needs_dir)
                 self.record(rows[name], m)
+        for name in ("raw floor", "durable floor"):
+            rows[name].note = rows[name].note or floor_parts(rows[name])
         for row in rows.values():
             self.log_row(row)
             self.rows.append(row)
@@ -942,6 +945,17 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cores": os.cpu_count(), "cpu": cpu, "ram": ram, "kernel": platform.release()}
+
+
+def floor_parts(row: Row) -> str:
+    """What a floor's best run spent in each of its three processes, and how far its ``dd`` ranged over the runs
+    (the page-cache copy of the raw floor's ``dd`` is the noisiest step on a shared machine)."""
+    if not row.runs or not row.best.parts:
+        return ""
+    numpy_s, cat_s, dd_s = row.best.parts
+    dds = [m.parts[2] for m in row.runs]
+    return (f"best run: numpy {numpy_s:.2f} + cat {cat_s:.2f} + dd {dd_s:.2f} s; dd {min(dds):.2f}-{max(dds):.2f} s "
+            f"over {len(dds)} runs")
 
 
 def floor_ratio(bench: Bench, row: Row, floor: str = "raw floor") -> Optional[float]:
