@@ -1129,8 +1129,8 @@ def render(bench: Bench, versions: dict, command: str) -> str:
         "- **Durable floor**: the same three processes, with `dd oflag=direct conv=fsync`: the output's bytes on the "
         "disk before dd exits, as a merge's output is before it is committed (merge-hooks fsyncs every file, so a "
         "crash right after a merge cannot leave a truncated model). The raw floor's `dd` leaves its bytes in the "
-        "page cache, so it never pays the disk; here the disk takes about 1.5 GB/s, 0.29 s for a BERT-base output, "
-        "against 0.08-0.4 s for the page-cache copy.",
+        "page cache, so it never pays the disk. Each floor row's note gives its best run's three steps and how far "
+        "`dd` ranged over the runs.",
         "- I/O floor, for information: a process that imports torch and safetensors, calls "
         "`safetensors.torch.load_file(path, backend=\"pread\")` on each input (every tensor read once into memory; "
         "the default mmap backend would read nothing until touched) and `save_file` once for the output (one model's "
